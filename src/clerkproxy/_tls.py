@@ -1,0 +1,95 @@
+"""
+TLS material from the operator's files: the serving certificate and key,
+and private trust roots for FAPI.  Every failure is a L{ConfigError} naming
+the option and the file.
+"""
+
+from __future__ import annotations
+
+import re
+
+from OpenSSL import SSL, crypto
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    TLSVersion,
+    trustRootFromCertificates,
+)
+
+from ._config import ConfigError
+
+__all__ = ["load_trust_root", "server_tls_options"]
+
+#: Forward-secret AEAD suites only; TLS 1.3's own suites are always on.
+MODERN_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
+)
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _read(path: str, option: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {option} {path}: {e.strerror}") from None
+
+
+def _certificates(path: str, option: str) -> list[Certificate]:
+    data = _read(path, option)
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        raise ConfigError(f"{option} {path} holds no PEM certificate")
+    try:
+        return [Certificate.loadPEM(block) for block in blocks]
+    except (crypto.Error, ValueError):
+        raise ConfigError(f"{option} {path} holds a malformed certificate") from None
+
+
+def load_trust_root(path: str) -> IOpenSSLTrustRoot:
+    """Trust exactly the CA certificates in C{path} (for C{--fapi-ca})."""
+    root: IOpenSSLTrustRoot = trustRootFromCertificates(
+        _certificates(path, "--fapi-ca")
+    )
+    return root
+
+
+def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
+    """
+    Server-side TLS from a PEM chain (leaf first) and its private key:
+    TLS 1.2 at least, forward-secret ciphers, HTTP/1.1 by ALPN.
+    """
+    chain = _certificates(certPath, "--tls-cert")
+    keyData = _read(keyPath, "--tls-key")
+    try:
+        # An empty passphrase callback: OpenSSL must never prompt on a tty.
+        key = KeyPair(
+            crypto.load_privatekey(crypto.FILETYPE_PEM, keyData, passphrase=b"")
+        )
+    except (crypto.Error, ValueError):
+        raise ConfigError(
+            f"--tls-key {keyPath} is not a readable PEM private key "
+            "(an encrypted key is not supported)"
+        ) from None
+    options = CertificateOptions(
+        privateKey=key.original,
+        certificate=chain[0].original,
+        extraCertChain=[c.original for c in chain[1:]],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=MODERN_CIPHERS,
+        acceptableProtocols=[b"http/1.1"],
+    )
+    try:
+        options.getContext()
+    except SSL.Error:
+        raise ConfigError(
+            f"--tls-key {keyPath} does not match the certificate in "
+            f"--tls-cert {certPath}"
+        ) from None
+    return options
