@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
+from standin import Recorder, make_site
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
 from clerkproxy import FrontendAPIProxy, ProxyConfig, build_site
-from standin import Recorder, make_site
 
 reactor: Any = _reactor
 SECRET = "sk_live_" + "s3cr3t" * 6
@@ -65,7 +65,7 @@ def fapi(ca: trustme.CA) -> Iterator[FAPI]:
     for request in server.recorder.stalled:
         if not request.finished and request.channel is not None:
             request.channel.transport.abortConnection()
-    pytest_twisted.blockon(server.port.stopListening())
+    pytest_twisted.blockon(maybeDeferred(server.port.stopListening))
 
 
 def trust_root(ca: trustme.CA) -> Any:
@@ -116,12 +116,18 @@ class RawClient(Protocol):
     """Sends bytes as told, collects everything until the server closes."""
 
     def __init__(self) -> None:
-        self.received = b""
+        self._chunks: list[bytes] = []
         self.closed: Deferred[bytes] = Deferred()
         self._waiters: list[tuple[bytes, Deferred[bytes]]] = []
 
+    @property
+    def received(self) -> bytes:
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0] if self._chunks else b""
+
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
+        self._chunks.append(data)
         for item in list(self._waiters):
             marker, d = item
             if marker in self.received:

@@ -42,6 +42,7 @@ class Recorder:
         self.firstBodyBytes: Deferred[bytes] | None = None
         self.stalled: list[server.Request] = []
         self.connections = 0
+        self.streams: list[dict[str, Any]] = []
 
 
 class FakeFAPI(Resource):
@@ -110,6 +111,10 @@ class FakeFAPI(Resource):
             request.write(b"x" * 1000)
             self.clock.callLater(0.05, request.channel.transport.abortConnection)
             return server.NOT_DONE_YET
+        if path.startswith(b"/chunked-truncate"):
+            request.write(b"x" * 1000)  # no Content-Length: chunked
+            self.clock.callLater(0.05, request.channel.transport.abortConnection)
+            return server.NOT_DONE_YET
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"X-Fapi-Seen", b"yes")
         return json.dumps(record).encode()
@@ -119,6 +124,7 @@ class FakeFAPI(Resource):
         request.setHeader(b"Content-Length", b"%d" % size)
         chunk = b"z" * 65536
         state = {"left": size, "paused": False}
+        self.recorder.streams.append(state)
 
         class Producer:
             def pauseProducing(self) -> None:

@@ -116,7 +116,8 @@ class StreamingChannel(http.HTTPChannel):
     C{Content-Length}, C{Content-Length} with C{Transfer-Encoding},
     whitespace before a colon, and NUL, CR or LF in a header value.  This
     adds: any transfer coding but C{chunked} (C{identity} included), and
-    C{Transfer-Encoding} on an HTTP/1.0 request.
+    C{Transfer-Encoding} on an HTTP/1.0 request.  It also honours
+    C{Connection: close} wherever it appears among the tokens.
     """
 
     _discarding = False
@@ -140,6 +141,21 @@ class StreamingChannel(http.HTTPChannel):
     def _send100Continue(self) -> None:
         if not self._discarding:
             http.HTTPChannel._send100Continue(self)
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Twisted reads only the first C{Connection} header and splits it on
+        spaces, so C{Connection: keep-alive, close} or a second header
+        saying C{close} go unnoticed; read every value, split on commas.
+        """
+        tokens: set[bytes] = set()
+        for value in request.requestHeaders.getRawHeaders(b"Connection", ()):
+            tokens.update(t.strip().lower() for t in value.split(b","))
+        if version == b"HTTP/1.1" and b"close" not in tokens:
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        return False
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         if header == b"Transfer-Encoding" and (

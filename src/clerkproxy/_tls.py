@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
     CertificateOptions,
-    KeyPair,
     TLSVersion,
     trustRootFromCertificates,
 )
@@ -65,22 +66,20 @@ def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
     Server-side TLS from a PEM chain (leaf first) and its private key:
     TLS 1.2 at least, forward-secret ciphers, HTTP/1.1 by ALPN.
     """
-    chain = _certificates(certPath, "--tls-cert")
+    _certificates(certPath, "--tls-cert")  # clear errors for a bad file
+    chain = x509.load_pem_x509_certificates(_read(certPath, "--tls-cert"))
     keyData = _read(keyPath, "--tls-key")
     try:
-        # An empty passphrase callback: OpenSSL must never prompt on a tty.
-        key = KeyPair(
-            crypto.load_privatekey(crypto.FILETYPE_PEM, keyData, passphrase=b"")
-        )
-    except (crypto.Error, ValueError):
+        key = load_pem_private_key(keyData, password=None)
+    except (TypeError, ValueError):
         raise ConfigError(
             f"--tls-key {keyPath} is not a readable PEM private key "
             "(an encrypted key is not supported)"
         ) from None
     options = CertificateOptions(
-        privateKey=key.original,
-        certificate=chain[0].original,
-        extraCertChain=[c.original for c in chain[1:]],
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=MODERN_CIPHERS,
         acceptableProtocols=[b"http/1.1"],

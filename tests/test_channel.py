@@ -1,0 +1,262 @@
+"""
+The streaming request and strict channel, driven in memory.
+
+These also pin the private Twisted attributes the streaming request relies
+on: if a Twisted release moves them, these tests fail first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web import http
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from clerkproxy import build_site
+from clerkproxy._errors import respond_error
+from clerkproxy.interfaces import IRequestBodyReceiver, IStreamingResource
+
+
+@implementer(IRequestBodyReceiver)
+class Receiver:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done = False
+
+    def bodyDataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def bodyDone(self) -> None:
+        self.done = True
+
+
+@implementer(IStreamingResource)
+class Recording(Resource):
+    """Streams bodies, or answers at once when told to."""
+
+    isLeaf = True
+
+    def __init__(self, reject: int | None = None) -> None:
+        super().__init__()
+        self.reject = reject
+        self.streamed: list[tuple[Any, int | None, Receiver]] = []
+        self.rendered: list[Any] = []
+
+    def renderStreaming(self, request: Any, length: int | None) -> Receiver | None:
+        receiver = Receiver()
+        self.streamed.append((request, length, receiver))
+        if self.reject:
+            respond_error(request, self.reject, "proxy_request_too_large")
+            return None
+        return receiver
+
+    def render(self, request: Any) -> Any:
+        self.rendered.append((request.method, request.uri, request.content.read()))
+        return b"plain"
+
+
+def connect(resource: Resource) -> tuple[Any, StringTransport]:
+    site = build_site(resource, MemoryReactorClock())
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_body_streams_before_it_is_complete() -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(
+        b"POST /a/b?c=d HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello"
+    )
+    [(request, length, receiver)] = resource.streamed
+    # The private channel attributes were read into the request:
+    assert (request.method, request.uri, request.clientproto) == (
+        b"POST",
+        b"/a/b?c=d",
+        b"HTTP/1.1",
+    )
+    assert length == 10
+    assert receiver.chunks == [b"hello"] and not receiver.done
+    protocol.dataReceived(b"world")
+    assert receiver.chunks == [b"hello", b"world"] and receiver.done
+    assert request.content is None  # Twisted's buffering never ran
+    assert resource.rendered == []
+
+
+def test_chunked_body_streams_with_unknown_length() -> None:
+    resource = Recording()
+    protocol, _ = connect(resource)
+    protocol.dataReceived(
+        b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    [(_, length, receiver)] = resource.streamed
+    assert length is None and receiver.chunks == [b"abc"]
+    protocol.dataReceived(b"0\r\n\r\n")
+    assert receiver.done
+
+
+def test_malformed_multipart_is_not_parsed() -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    body = b"--nope\r\nthis is not multipart"
+    protocol.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: multipart/form-data; boundary=zzz\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    [(request, _, receiver)] = resource.streamed
+    assert b"".join(receiver.chunks) == body and receiver.done
+    assert b"400" not in transport.value()
+
+
+def test_bodiless_requests_take_the_ordinary_path() -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert resource.streamed == []
+    assert resource.rendered == [(b"GET", b"/x", b"")]
+    assert transport.value().endswith(b"plain")
+
+
+def test_plain_resources_are_served_buffered() -> None:
+    class Plain(Resource):
+        isLeaf = True
+        rendered: list[Any] = []
+
+        def render(self, request: Any) -> bytes:
+            self.rendered.append((request.method, request.uri, request.content.read()))
+            return b"plain"
+
+    root = Resource()
+    plain = Plain()
+    root.putChild(b"app", plain)
+    protocol, transport = connect(root)
+    protocol.dataReceived(
+        b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    assert plain.rendered == [(b"POST", b"/app", b"abc")]
+    assert transport.value().endswith(b"plain")
+
+
+def test_an_early_answer_closes_the_connection_and_ignores_the_rest() -> None:
+    resource = Recording(reject=413)
+    protocol, transport = connect(resource)
+    protocol.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 10\r\n\r\n"
+    )
+    out = transport.value()
+    assert out.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in out
+    assert b"Connection: close" in out
+    assert transport.disconnecting
+    # A smuggled request hidden in the unread body is never parsed:
+    protocol.dataReceived(b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(resource.streamed) == 1 and resource.rendered == []
+    assert transport.value() == out
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        b"Content-Length: 5, 5\r\n",
+        b"Content-Length: +5\r\n",
+        b"Content-Length: -5\r\n",
+        b"Content-Length: 0x5\r\n",
+        b"Transfer-Encoding: identity\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length : 5\r\n",
+        b"X-Foo: a\nContent-Length: 5\r\n",
+        b"X-Foo: a\rb\r\n",
+        b"X-Foo: a\x00b\r\n",
+    ],
+)
+def test_ambiguous_framing_is_refused(head: bytes) -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\n" + head + b"\r\nhello")
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert transport.disconnecting
+    assert resource.rendered == []
+    assert all(not r.chunks for _, _, r in resource.streamed)
+
+
+def test_transfer_encoding_on_http_1_0_is_refused() -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(
+        b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert resource.streamed == [] and resource.rendered == []
+
+
+@given(
+    value=st.binary(min_size=1, max_size=12).filter(
+        lambda v: (
+            v.strip(b" \t").lower() != b"chunked" and b"\r" not in v and b"\n" not in v
+        )
+    )
+)
+def test_only_chunked_is_a_transfer_coding(value: bytes) -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + value + b"\r\n\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert resource.rendered == []
+
+
+def test_pipelined_requests_after_a_streamed_one_wait_their_turn() -> None:
+    resource = Recording()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(
+        b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    [(request, _, receiver)] = resource.streamed
+    assert receiver.done
+    assert resource.rendered == []  # /two waits for /one's answer
+    request.setHeader(b"Content-Length", b"3")
+    request.write(b"one")
+    request.finish()
+    assert resource.rendered == [(b"GET", b"/two", b"")]
+    out = transport.value()
+    assert out.index(b"one") < out.index(b"plain")
+
+
+def test_channel_private_attributes_exist() -> None:
+    """What _request.py reads from Twisted's channel at gotLength time."""
+    seen: dict[str, Any] = {}
+
+    class Probe(http.Request):
+        def gotLength(self, length: int | None) -> None:
+            seen.update(
+                command=self.channel._command,
+                path=self.channel._path,
+                version=self.channel._version,
+            )
+            http.Request.gotLength(self, length)
+
+    channel = http.HTTPChannel()
+    channel.requestFactory = Probe
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"PATCH /p?q HTTP/1.1\r\nContent-Length: 1\r\n\r\n")
+    assert seen == {"command": b"PATCH", "path": b"/p?q", "version": b"HTTP/1.1"}
+
+
+def test_streaming_site_writes_no_combined_log() -> None:
+    site = build_site(Recording(), MemoryReactorClock())
+    assert site.log(None) is None  # type: ignore[arg-type]
+    assert site.acceptableProtocols() == [b"http/1.1"]
