@@ -7,6 +7,7 @@ the option and the file.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -76,10 +77,13 @@ def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
             f"--tls-key {keyPath} is not a readable PEM private key "
             "(an encrypted key is not supported)"
         ) from None
+    # Twisted's annotations name pyOpenSSL's types, but pyOpenSSL takes
+    # cryptography's objects directly (and deprecates its own wrappers).
+    modern: Any = (key, chain[0], chain[1:])
     options = CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        privateKey=modern[0],
+        certificate=modern[1],
+        extraCertChain=modern[2],
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=MODERN_CIPHERS,
         acceptableProtocols=[b"http/1.1"],

@@ -36,6 +36,9 @@ from twisted.web._newclient import HTTP11ClientProtocol
 
 __all__ = ["UpstreamPool", "fapi_endpoint"]
 
+#: Seconds idle connections get to close politely when the pool closes.
+_CLOSE_GRACE = 3.0
+
 
 class _PooledProtocol(HTTP11ClientProtocol):
     """Twisted's HTTP/1.1 client protocol, telling its pool when it dies."""
@@ -238,7 +241,15 @@ class UpstreamPool:
         while self._waiters:
             self._waiters.popleft().cancel()
         idle, self._idle = self._idle, []
-        return gatherResults([_abort(proto) for proto in idle])
+        done = gatherResults([_abort(proto) for proto in idle])
+        if not done.called:
+            # A peer that never answers our TLS close must not hold up exit.
+            force = self._clock.callLater(
+                _CLOSE_GRACE,
+                lambda: [proto.transport.abortConnection() for proto in idle],  # type: ignore[union-attr]
+            )
+            done.addBoth(lambda result: force.cancel() if force.active() else None)
+        return done
 
 
 def _abort(proto: HTTP11ClientProtocol) -> Deferred[None]:
