@@ -45,13 +45,13 @@ class FAPI:
 
 
 def _server_options(cert: trustme.LeafCert) -> Any:
-    from OpenSSL import crypto
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from twisted.internet.ssl import CertificateOptions
 
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, cert.private_key_pem.bytes())
+    key = load_pem_private_key(cert.private_key_pem.bytes(), password=None)
     chain = [
-        crypto.load_certificate(crypto.FILETYPE_PEM, blob.bytes())
-        for blob in cert.cert_chain_pems
+        x509.load_pem_x509_certificate(blob.bytes()) for blob in cert.cert_chain_pems
     ]
     return CertificateOptions(
         privateKey=key, certificate=chain[0], extraCertChain=chain[1:]
