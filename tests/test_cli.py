@@ -235,7 +235,7 @@ async def test_a_real_run_over_plain_tcp(
     assert SECRET not in output
 
 
-@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1 is deprecated")
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1")
 @pytest_twisted.ensureDeferred
 async def test_tls_termination_with_the_operators_certificate(
     fapi: Any, ca: trustme.CA, pems: dict[str, Any], tmp_path: Path

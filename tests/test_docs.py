@@ -30,6 +30,10 @@ def test_embedding_example_builds_a_streaming_site(monkeypatch: Any) -> None:
     assert proxy.config.prefix == b"/__clerk"
 
 
+def test_testing_example_in_the_embedding_guide_runs() -> None:
+    exec(python_blocks(DOCS / "embedding.md")[2], {"__name__": "example"})
+
+
 def test_readme_has_exactly_the_two_commands() -> None:
     text = README.read_text()
     for marker in ("<!-- run-command -->", "<!-- test-command -->"):

@@ -58,6 +58,8 @@ class _PooledProtocol(HTTP11ClientProtocol):
 class _PoolFactory(Factory):
     """The client factory that builds pooled FAPI connections."""
 
+    noisy = False  # one log line per FAPI connection is noise, not news
+
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
 
