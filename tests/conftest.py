@@ -33,6 +33,10 @@ class FAPI:
         self.site = make_site(self.recorder, reactor)
         cert = ca.issue_cert("localhost", "127.0.0.1")
         options = _server_options(cert)
+        self.server_names: list[bytes | None] = []
+        options.getContext().set_tlsext_servername_callback(
+            lambda connection: self.server_names.append(connection.get_servername())
+        )
         self.port = reactor.listenSSL(0, self.site, options, interface="127.0.0.1")
         self.url = f"https://localhost:{self.port.getHost().port}"
 

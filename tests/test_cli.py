@@ -134,6 +134,7 @@ def test_unreadable_secret_key_file(tmp_path: Path) -> None:
         (["--fapi-ca", "{garbage}"], "--fapi-ca"),
         (["--fapi-ca", "/nonexistent.pem"], "--fapi-ca"),
         (["--port", "nonsense:1"], "--port"),
+        (["--port", "systemd:domain=INET:index=0"], "LISTEN_FDS"),
         (["--max-body-size", "lots"], "--max-body-size"),
         (["--upstream-timeout", "-1"], "--upstream-timeout"),
         (["--trusted-proxy", "10.0.0.0/40"], "--trusted-proxy"),
@@ -186,6 +187,25 @@ def start(args: list[str], key_file: Path) -> subprocess.Popen[str]:
     )
 
 
+def start_against(
+    fapi: Any, ca: trustme.CA, where: Path, ports: list[str]
+) -> subprocess.Popen[str]:
+    """Run the installed twistd plugin in front of the stand-in FAPI."""
+    key_file = where / "key"
+    key_file.write_text(SECRET + "\n")
+    ca_file = where / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    options = [
+        "--proxy-url",
+        "https://app.test/__clerk",
+        "--fapi",
+        fapi.url,
+        "--fapi-ca",
+        str(ca_file),
+    ]
+    return start([*ports, *options], key_file)
+
+
 def stop(process: subprocess.Popen[str]) -> str:
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=20)
@@ -199,23 +219,9 @@ def stop(process: subprocess.Popen[str]) -> str:
 async def test_a_real_run_over_plain_tcp(
     fapi: Any, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_text(SECRET + "\n")
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
     port = free_port()
-    process = start(
-        [
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--proxy-url",
-            "https://app.test/__clerk",
-            "--fapi",
-            fapi.url,
-            "--fapi-ca",
-            str(ca_file),
-        ],
-        key_file,
+    process = start_against(
+        fapi, ca, tmp_path, ["--port", f"tcp:{port}:interface=127.0.0.1"]
     )
     try:
         await deferToThread(wait_listening, port, process)
@@ -240,12 +246,11 @@ async def test_a_real_run_over_plain_tcp(
 async def test_tls_termination_with_the_operators_certificate(
     fapi: Any, ca: trustme.CA, pems: dict[str, Any], tmp_path: Path
 ) -> None:
-    key_file = tmp_path / "key"
-    key_file.write_text(SECRET)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
     port = free_port()
-    process = start(
+    process = start_against(
+        fapi,
+        ca,
+        tmp_path,
         [
             "--port",
             str(port),
@@ -253,14 +258,7 @@ async def test_tls_termination_with_the_operators_certificate(
             pems["fullchain"],
             "--tls-key",
             pems["key"],
-            "--proxy-url",
-            "https://app.test/__clerk",
-            "--fapi",
-            fapi.url,
-            "--fapi-ca",
-            str(ca_file),
         ],
-        key_file,
     )
     try:
         await deferToThread(wait_listening, port, process)

@@ -163,6 +163,17 @@ async def test_headers_go_intact_and_ours_replace_the_clients(
 
 
 @pytest_twisted.ensureDeferred
+async def test_tls_to_fapi_sends_sni_for_the_configured_host(
+    proxy: Any, fapi: Any
+) -> None:
+    status, _, _ = await call(
+        proxy, "GET", "/__clerk/v1/environment", [("Host", "evil.test")]
+    )
+    assert status == 200
+    assert fapi.server_names == [b"localhost"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_trusted_load_balancer_passes_the_real_client(
     make_proxy: Any, fapi: Any
 ) -> None:

@@ -148,9 +148,13 @@ class Options(usage.Options):
             description = f"tcp:{port}"
         try:
             return serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # parsers raise anything from KeyError to IndexError
+            hint = ""
+            if description.startswith("systemd:"):
+                hint = "; systemd passed no such socket (LISTEN_FDS)"
             raise ConfigError(
-                f"--port {description!r} is not a usable endpoint description ({e})"
+                f"--port {description!r} is not a usable endpoint description "
+                f"({type(e).__name__}: {e}{hint})"
             ) from None
 
 
