@@ -144,3 +144,49 @@ def test_the_timer_stops_once_fapi_answers() -> None:
     upstream.dataReceived(b"world")
     out = client_transport.value()
     assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"helloworld")
+
+
+def test_a_prompt_answer_after_the_client_left_keeps_the_connection() -> None:
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, upstream_transport = rig.endpoint.complete()
+    client.connectionLost(Failure(ConnectionDone()))
+    assert not upstream_transport.disconnecting  # FAPI gets a moment to answer
+    upstream.dataReceived(RESPONSE)
+    assert rig.pool.idleConnections == 1 and not upstream_transport.disconnecting
+    assert client_transport.value() == b""
+
+
+def test_a_slow_answer_after_the_client_left_is_cut_off() -> None:
+    rig = Rig()
+    client, _ = rig.client()
+    client.dataReceived(b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, upstream_transport = rig.endpoint.complete()
+    client.connectionLost(Failure(ConnectionDone()))
+    rig.clock.advance(2.1)
+    assert upstream_transport.disconnecting
+    assert rig.pool.idleConnections == 0
+
+
+def test_a_big_answer_after_the_client_left_is_cut_off() -> None:
+    rig = Rig()
+    client, _ = rig.client()
+    client.dataReceived(b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, upstream_transport = rig.endpoint.complete()
+    client.connectionLost(Failure(ConnectionDone()))
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n")
+    upstream.dataReceived(b"x" * 300000)
+    assert upstream_transport.disconnecting
+
+
+def test_a_client_leaving_mid_upload_ends_the_upstream_request() -> None:
+    rig = Rig()
+    client, _ = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/me HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    upstream, upstream_transport = rig.endpoint.complete()
+    client.connectionLost(Failure(ConnectionDone()))
+    assert upstream_transport.disconnecting
+    assert rig.pool.idleConnections == 0

@@ -47,6 +47,9 @@ __all__ = ["Exchange", "FileSource"]
 #: Body bytes held while no upstream connection is ready to take them.
 _HOLD_LIMIT = 64 * 1024
 _READ_SIZE = 64 * 1024
+#: How long, and how much, an answer nobody waits for may take to drain.
+_ORPHAN_GRACE = 2.0
+_ORPHAN_LIMIT = 256 * 1024
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _NO_BODY = (204, 304)
 
@@ -111,6 +114,7 @@ class Exchange(Protocol):
         self._held: list[bytes] = []
         self._heldSize = 0
         self._received = 0
+        self._drained = 0
         self._consumer: IConsumer | None = None
         self._uploadDone: Deferred[None] | None = None
         self._uploadPaused = False
@@ -190,6 +194,7 @@ class Exchange(Protocol):
     def _failed(self, reason: Failure) -> None:
         self._pending = None
         if self._clientGone:
+            self._stopTimer()
             return
         if self._failure is None and self._retryable(reason):
             self._retried = True
@@ -230,10 +235,21 @@ class Exchange(Protocol):
             self._timer = None
 
     def _lostClient(self, reason: Failure) -> None:
-        """The client went away: stop everything upstream, quietly."""
+        """
+        The client went away: stop everything upstream, quietly.  One
+        exception: a request FAPI already has in full gets a moment to be
+        answered, so that a prompt small answer leaves its connection in the
+        pool rather than costing a new TLS handshake.
+        """
         self._clientGone = True
         self._stopTimer()
         self._endUpload(CancelledError())
+        proto = self._proto
+        if self._pending is not None and proto is not None and proto.state == "WAITING":
+            self._timer = self._proxy.clock.callLater(
+                _ORPHAN_GRACE, self._cancelPending
+            )
+            return
         self._cancelPending()
         self._stopResponse()
 
@@ -250,6 +266,8 @@ class Exchange(Protocol):
         request = self._request
         self._responding = True
         if self._clientGone:
+            # Drain a small answer for the pool's sake, within the grace.
+            self._timer = self._proxy.clock.callLater(_ORPHAN_GRACE, self._stopResponse)
             response.deliverBody(self)
             return
         request.setResponseCode(response.code, response.phrase or None)
@@ -268,23 +286,30 @@ class Exchange(Protocol):
         response.deliverBody(self)
 
     def connectionMade(self) -> None:
-        if self._clientGone:
-            self._stopResponse()
-            return
-        self._request.registerProducer(self.transport, True)
+        if not self._clientGone:
+            self._request.registerProducer(self.transport, True)
 
     def _stopResponse(self) -> None:
-        """Stop FAPI's response body (its connection cannot be reused)."""
-        producer: Any = self.transport
-        if producer is not None:
-            producer.stopProducing()
+        """Drop FAPI's connection mid-answer; it cannot be reused anyway."""
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.state != "CONNECTION_LOST":
+            transport: Any = proto.transport
+            transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._clientGone:
             self._request.write(data)
+            return
+        self._drained += len(data)
+        if self._drained > _ORPHAN_LIMIT:
+            self._stopTimer()
+            self._stopResponse()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # The connection is back in the pool (or closed): never touch it again.
+        self._proto = None
         if self._clientGone:
+            self._stopTimer()
             return
         request = self._request
         request.unregisterProducer()
