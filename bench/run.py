@@ -647,7 +647,7 @@ def streaming_growth(
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             if direction == "download":
                 writer.write(
-                    f"GET /__clerk/big HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode()
+                    b"GET /__clerk/big HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
                 )
                 await writer.drain()
                 await reader.readuntil(b"\r\n\r\n")
@@ -663,7 +663,7 @@ def streaming_growth(
                     writer.write(chunk[:n])
                     left -= n
                     await writer.drain()
-                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readuntil(b"\r\n\r\n")
                 body = await reader.read()
                 got = int(re.search(rb'"received":(\d+)', body).group(1))  # type: ignore[union-attr]
             elapsed = time.monotonic() - started

@@ -11,14 +11,28 @@ from clerkproxy._headers import (
     INJECTED,
     connection_listed,
     downstream_headers,
-    upstream_headers,
+    injected_block,
+    upstream_head,
 )
 
 
-def _up(incoming: Headers) -> Headers:
-    return upstream_headers(
-        incoming, b"fapi.example", b"https://app.test/__clerk", b"sk_live_k", b"1.2.3.4"
+def _up(incoming: Headers, framing: bytes = b"") -> Headers:
+    """Build the upstream head, then read it back as Headers."""
+    head = upstream_head(
+        b"GET",
+        b"/v1/x",
+        incoming,
+        b"fapi.example",
+        injected_block(b"https://app.test/__clerk", b"sk_live_k"),
+        b"1.2.3.4",
+        framing,
     )
+    assert head.startswith(b"GET /v1/x HTTP/1.1\r\n") and head.endswith(b"\r\n\r\n")
+    out = Headers()
+    for line in head[:-4].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b": ")
+        out.addRawHeader(name, value)
+    return out
 
 
 def test_injected_headers_replace_client_values() -> None:
@@ -69,20 +83,28 @@ def test_hop_by_hop_and_connection_listed_are_dropped_upstream() -> None:
 def test_response_headers_drop_hop_by_hop_and_keep_cookies_apart() -> None:
     response = Headers()
     response.addRawHeader(b"Set-Cookie", b"__client=a; Path=/__clerk")
+    response.addRawHeader(b"Proxy-Authorization", b"x")
     response.addRawHeader(b"Set-Cookie", b"__client_uat=1, 2; Path=/")
     response.addRawHeader(b"Proxy-Authenticate", b"Basic")
     response.addRawHeader(b"Trailer", b"X")
     response.addRawHeader(b"X-Hop", b"1")
     response.addRawHeader(b"Content-Encoding", b"gzip")
-    connection = Headers({b"Connection": [b"X-Hop"]})
-    out = downstream_headers(response, connection)
+    connection = {b"Connection": [b"X-Hop"]}
+    out = downstream_headers(dict(response.getAllRawHeaders()), connection)
     assert out.getRawHeaders(b"Set-Cookie") == [
         b"__client=a; Path=/__clerk",
         b"__client_uat=1, 2; Path=/",
     ]
     assert out.getRawHeaders(b"Content-Encoding") == [b"gzip"]
-    for name in (b"Proxy-Authenticate", b"Trailer", b"X-Hop"):
+    for name in (b"Proxy-Authenticate", b"Proxy-Authorization", b"Trailer", b"X-Hop"):
         assert not out.hasHeader(name)
+
+
+def test_framing_goes_last_and_only_once() -> None:
+    incoming = Headers({b"Content-Length": [b"999"], b"X-A": [b"1"]})
+    out = _up(incoming, b"Content-Length: 5\r\n")
+    assert out.getRawHeaders(b"Content-Length") == [b"5"]
+    assert list(dict(out.getAllRawHeaders()))[-1] == b"Content-Length"
 
 
 def test_connection_listed_ignores_invalid_tokens() -> None:

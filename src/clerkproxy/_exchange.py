@@ -5,42 +5,32 @@ A single L{Exchange} object per request plays every role the trip needs,
 so the hot path allocates one object rather than a chain of helpers:
 
  - C{IRequestBodyReceiver}: takes the client's body as it arrives;
- - C{IBodyProducer}: hands that body to the upstream connection, pausing
-   the client's socket while FAPI's is full;
- - C{IProtocol}: takes FAPI's response body and writes it to the client,
-   whose socket pauses FAPI's while the client is slow.
+ - C{IPushProducer}: registered on FAPI's socket while the body is sent,
+   it pauses the client's socket while FAPI's is full;
+ - L{IExchange}: told by the upstream connection about FAPI's answer,
+   which it writes to the client.  The connection itself is the producer
+   the client's socket pauses when the browser reads slowly.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    Request as UpstreamRequest,
-)
-from twisted.web._newclient import (
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from ._errors import respond_error
-from ._headers import downstream_headers, upstream_headers
+from ._headers import downstream_headers, upstream_head
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
+    from ._client import UpstreamConnection
     from ._proxy import FrontendAPIProxy
-    from ._upstream import _PooledProtocol
 
 __all__ = ["Exchange", "FileSource"]
 
@@ -51,7 +41,13 @@ _READ_SIZE = 64 * 1024
 _ORPHAN_GRACE = 2.0
 _ORPHAN_LIMIT = 256 * 1024
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_EMPTY_BODY_LENGTH = {b"POST", b"PUT", b"PATCH"}
 _NO_BODY = (204, 304)
+_STATUS = {"proxy_upstream_timeout": 504, "proxy_request_too_large": 413}
+# Twisted's request-line parser already allows only these; checked again
+# because the bytes go onto another connection verbatim.
+_METHOD_OK = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
+_TARGET_OK = re.compile(rb"/[!-~]*\Z").match
 
 _log = Logger(namespace="clerkproxy.exchange")
 
@@ -83,8 +79,8 @@ class FileSource:
         self._paused = self._done = True
 
 
-@implementer(IRequestBodyReceiver, IBodyProducer)
-class Exchange(Protocol):
+@implementer(IRequestBodyReceiver, IPushProducer)
+class Exchange:
     """
     Relay C{request} to FAPI at C{target} and FAPI's answer back.
 
@@ -107,7 +103,7 @@ class Exchange(Protocol):
         self._proxy = proxy
         self._request = request
         self._target = target
-        self.length = UNKNOWN_LENGTH if length is None else length
+        self._length = length
         self._hasBody = length != 0
         self._source = source
         self._sourcePaused = not sourceRunning
@@ -115,14 +111,12 @@ class Exchange(Protocol):
         self._heldSize = 0
         self._received = 0
         self._drained = 0
-        self._consumer: IConsumer | None = None
-        self._uploadDone: Deferred[None] | None = None
-        self._uploadPaused = False
         self._bodyComplete = not self._hasBody
+        self._uploadPaused = False
+        self._head = b""
+        self._conn: UpstreamConnection | None = None
         self._pending: Deferred[Any] | None = None
-        self._timer: IDelayedCall | None = None
-        self._upstream: UpstreamRequest | None = None
-        self._proto: _PooledProtocol | None = None
+        self._grace: IDelayedCall | None = None
         self._retried = False
         self._failure: str | None = None
         self._clientGone = False
@@ -132,206 +126,216 @@ class Exchange(Protocol):
 
     def start(self) -> None:
         proxy = self._proxy
-        config = proxy.config
         request = self._request
-        peer = request.getClientAddress()
-        host = getattr(peer, "host", None)
-        headers = upstream_headers(
-            request.requestHeaders,
-            config.fapi_host_header,
-            config.proxy_url_header,
-            config.secret_key.headerValue(),
-            proxy.clientAddress.resolve(
-                host, request.requestHeaders.getRawHeaders(b"X-Forwarded-For")
-            ),
-        )
-        try:
-            self._upstream = UpstreamRequest(
-                request.method,
-                self._target,
-                headers,
-                self if self._hasBody else None,
-                persistent=True,
-            )
-        except ValueError:
-            # A method or target Twisted's client refuses to put on the wire.
+        method = request.method
+        target = self._target
+        if not _METHOD_OK(method) or not _TARGET_OK(target):
             respond_error(request, 400, "proxy_bad_request")
             return
-        request.notifyFinish().addErrback(self._lostClient)
-        self._timer = proxy.clock.callLater(config.upstream_timeout, self._timedOut)
-        self._acquire()
+        length = self._length
+        if length is None:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif length or method in _EMPTY_BODY_LENGTH:
+            framing = b"Content-Length: %d\r\n" % length
+        else:
+            framing = b""
+        headers = request.requestHeaders
+        peer: Any = request.getClientAddress()
+        self._head = upstream_head(
+            method,
+            target,
+            headers,
+            proxy.config.fapi_host_header,
+            proxy.injected,
+            proxy.clientAddress.resolve(
+                getattr(peer, "host", None), headers.getRawHeaders(b"X-Forwarded-For")
+            ),
+            framing,
+        )
+        watch = getattr(request, "watchConnection", None)
+        if watch is not None:
+            watch(self.clientLost)
+        else:
+            request.notifyFinish().addErrback(self.clientLost)
+        proxy.deadlines.add(self)
+        self._connect()
 
-    def _acquire(self) -> None:
-        d = self._proxy.upstream.acquire()
+    def _connect(self) -> None:
+        pool = self._proxy.upstream
+        conn = pool.take()
+        if conn is not None:
+            self._send(conn)
+            return
+        d = pool.acquire()
         self._pending = d
-        d.addCallbacks(self._connected, self._failed)
+        d.addCallbacks(self._send, self._connectFailed)
 
-    def _connected(self, proto: _PooledProtocol) -> None:
+    def _send(self, conn: UpstreamConnection) -> None:
         self._pending = None
-        self._proto = proto
-        assert self._upstream is not None
-        d = proto.request(self._upstream)
-        parser = proto._parser
-        self._connHeaders = parser.connHeaders if parser is not None else None
-        if not d.called:
-            self._pending = d
-        d.addCallbacks(self._gotResponse, self._failed)
+        self._conn = conn
+        length = self._length
+        body = None if not self._hasBody else (-1 if length is None else length)
+        conn.send(self, self._head, self._request.method == b"HEAD", body, self)
+        if not self._hasBody:
+            return
+        held, self._held, self._heldSize = self._held, [], 0
+        for chunk in held:
+            conn.writeBody(chunk)
+        if self._bodyComplete:
+            conn.endBody()
+        elif not self._uploadPaused:
+            self._resumeSource()
 
     # -- failures ---------------------------------------------------------
 
-    def _retryable(self, reason: Failure) -> bool:
-        proto = self._proto
-        if self._retried or proto is None or not proto.reused or self._clientGone:
-            return False
-        if reason.check(RequestNotSent):
-            return True
-        if self._hasBody or self._request.method not in _IDEMPOTENT:
-            return False
-        return (
-            reason.check(ResponseNeverReceived, RequestTransmissionFailed) is not None
-        )
+    def _connectFailed(self, reason: Failure) -> None:
+        self._pending = None
+        self._failed(reason)
 
     def _failed(self, reason: Failure) -> None:
-        self._pending = None
+        self._proxy.deadlines.remove(self)
         if self._clientGone:
-            self._stopTimer()
             return
-        if self._failure is None and self._retryable(reason):
-            self._retried = True
-            self._acquire()
-            return
-        self._stopTimer()
         why = self._failure
         if why is None:
             why = "proxy_request_failed"
-            _log.warn(
-                "FAPI request failed: {error}",
-                error=_describe(reason),
-            )
-        if self._responding or self._request.startedWriting:
-            self._abortClient()
-            return
-        status = {"proxy_upstream_timeout": 504, "proxy_request_too_large": 413}
-        respond_error(self._request, status.get(why, 502), why)
+            _log.warn("FAPI request failed: {error}", error=_describe(reason))
+        respond_error(self._request, _STATUS.get(why, 502), why)
 
-    def _timedOut(self) -> None:
-        self._timer = None
+    def expired(self) -> None:
+        """The upstream deadline passed with no answer from FAPI."""
         self._failure = "proxy_upstream_timeout"
         _log.warn(
             "FAPI did not answer within {timeout}s",
             timeout=self._proxy.config.upstream_timeout,
         )
-        self._cancelPending()
+        self._stopUpstream()
 
-    def _cancelPending(self) -> None:
-        pending = self._pending
+    def _stopUpstream(self) -> None:
+        """Abandon the upstream side; its failure path then answers."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+            self._failed(Failure(ProxyGaveUpError()))
+            return
+        pending, self._pending = self._pending, None
         if pending is not None:
-            self._pending = None
             pending.cancel()
 
-    def _stopTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _lostClient(self, reason: Failure) -> None:
+    def clientLost(self, reason: object = None) -> None:
         """
         The client went away: stop everything upstream, quietly.  One
         exception: a request FAPI already has in full gets a moment to be
         answered, so that a prompt small answer leaves its connection in the
         pool rather than costing a new TLS handshake.
         """
-        self._clientGone = True
-        self._stopTimer()
-        self._endUpload(CancelledError())
-        proto = self._proto
-        if self._pending is not None and proto is not None and proto.state == "WAITING":
-            self._timer = self._proxy.clock.callLater(
-                _ORPHAN_GRACE, self._cancelPending
-            )
+        if self._clientGone:
             return
-        self._cancelPending()
-        self._stopResponse()
+        self._clientGone = True
+        self._proxy.deadlines.remove(self)
+        self._held = []
+        conn = self._conn
+        if conn is not None and self._bodyComplete and not self._responding:
+            self._grace = self._proxy.clock.callLater(_ORPHAN_GRACE, self._abandon)
+            return
+        self._abandon()
+
+    def _abandon(self) -> None:
+        self._grace = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
 
     def _abortClient(self) -> None:
         channel = getattr(self._request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
 
-    # -- response ---------------------------------------------------------
+    # -- response (IExchange) ---------------------------------------------
 
-    def _gotResponse(self, response: IResponse) -> None:
-        self._pending = None
-        self._stopTimer()
-        request = self._request
+    def responseStarted(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: dict[bytes, list[bytes]],
+        length: int | None,
+        connection: dict[bytes, list[bytes]],
+    ) -> None:
+        self._proxy.deadlines.remove(self)
         self._responding = True
         if self._clientGone:
-            # Drain a small answer for the pool's sake, within the grace.
-            self._timer = self._proxy.clock.callLater(_ORPHAN_GRACE, self._stopResponse)
-            response.deliverBody(self)
             return
-        request.setResponseCode(response.code, response.phrase or None)
-        connHeaders = self._connHeaders
-        headers = downstream_headers(
-            response.headers, connHeaders if connHeaders is not None else _EMPTY
-        )
-        length = response.length
-        if (
-            length is not UNKNOWN_LENGTH
-            and response.code not in _NO_BODY
-            and request.method != b"HEAD"
-        ):
-            headers._rawHeaders[b"Content-Length"] = [b"%d" % length]
-        request.responseHeaders = headers
-        response.deliverBody(self)
+        request = self._request
+        request.setResponseCode(code, phrase or None)
+        if length is not None and code not in _NO_BODY and request.method != b"HEAD":
+            headers[b"Content-Length"] = [b"%d" % length]
+        request.responseHeaders = downstream_headers(headers, connection)
+        request.registerProducer(self._conn, True)
 
-    def connectionMade(self) -> None:
-        if not self._clientGone:
-            self._request.registerProducer(self.transport, True)
-
-    def _stopResponse(self) -> None:
-        """Drop FAPI's connection mid-answer; it cannot be reused anyway."""
-        proto, self._proto = self._proto, None
-        if proto is not None and proto.state != "CONNECTION_LOST":
-            transport: Any = proto.transport
-            transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
+    def responseData(self, data: bytes) -> None:
         if not self._clientGone:
             self._request.write(data)
             return
         self._drained += len(data)
         if self._drained > _ORPHAN_LIMIT:
-            self._stopTimer()
-            self._stopResponse()
+            self._cancelGrace()
+            self._abandon()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # The connection is back in the pool (or closed): never touch it again.
-        self._proto = None
+    def responseDone(self) -> None:
+        self._conn = None  # back in the pool: never touch it again
         if self._clientGone:
-            self._stopTimer()
+            self._cancelGrace()
             return
         request = self._request
         request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            request.finish()
+        request.finish()
+
+    def upstreamFailed(self, reason: Failure, nothingReceived: bool) -> None:
+        conn, self._conn = self._conn, None
+        if self._clientGone:
+            self._cancelGrace()
             return
-        # FAPI failed mid-body: a truncated body must look truncated.
-        _log.warn("FAPI response broke off: {error}", error=_describe(reason))
-        self._abortClient()
+        if self._responding:
+            # FAPI failed mid-body: a truncated body must look truncated.
+            _log.warn("FAPI response broke off: {error}", error=_describe(reason))
+            self._request.unregisterProducer()
+            self._abortClient()
+            return
+        if (
+            nothingReceived
+            and not self._retried
+            and self._failure is None
+            and conn is not None
+            and conn.reused
+            and not self._hasBody
+            and self._request.method in _IDEMPOTENT
+        ):
+            # A pooled connection FAPI had closed: try once on another.
+            self._retried = True
+            self._connect()
+            return
+        self._failed(reason)
+
+    def _cancelGrace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
 
     # -- request body, in (IRequestBodyReceiver) --------------------------
 
     def bodyDataReceived(self, data: bytes) -> None:
-        if self._failure is not None:
+        if self._failure is not None or self._clientGone:
             return
         self._received += len(data)
         if self._received > self._proxy.config.max_body_size:
             self._tooLarge()
             return
-        consumer = self._consumer
-        if consumer is not None:
-            consumer.write(data)
+        conn = self._conn
+        if conn is not None:
+            conn.writeBody(data)
             if self._uploadPaused:
                 # Twisted's channel may have resumed the socket behind our
                 # back; FAPI still cannot take more.
@@ -344,8 +348,9 @@ class Exchange(Protocol):
 
     def bodyDone(self) -> None:
         self._bodyComplete = True
-        if self._consumer is not None and self._failure is None:
-            self._endUpload(None)
+        conn = self._conn
+        if conn is not None and self._failure is None:
+            conn.endBody()
 
     def _tooLarge(self) -> None:
         self._failure = "proxy_request_too_large"
@@ -354,31 +359,13 @@ class Exchange(Protocol):
             limit=self._proxy.config.max_body_size,
         )
         self._held = []
-        self._endUpload(CancelledError())
         if self._responding:
-            self._stopResponse()
+            self._abandon()
             self._abortClient()
-        elif self._pending is not None:
-            self._cancelPending()
-        # Otherwise the upload's failure reaches _failed through the client.
+        else:
+            self._stopUpstream()
 
-    # -- request body, out (IBodyProducer) --------------------------------
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        if self._failure is not None:
-            return fail(CancelledError())
-        if self._bodyComplete and not self._held and self._received == 0:
-            return succeed(None)
-        self._consumer = consumer
-        held, self._held, self._heldSize = self._held, [], 0
-        for chunk in held:
-            consumer.write(chunk)
-        if self._bodyComplete:
-            return succeed(None)
-        self._uploadDone = Deferred(lambda d: self._endUploadQuietly())
-        if not self._uploadPaused:
-            self._resumeSource()
-        return self._uploadDone
+    # -- request body, out (IPushProducer on FAPI's socket) ----------------
 
     def pauseProducing(self) -> None:
         self._uploadPaused = True
@@ -386,25 +373,10 @@ class Exchange(Protocol):
 
     def resumeProducing(self) -> None:
         self._uploadPaused = False
-        if self._consumer is not None:
-            self._resumeSource()
+        self._resumeSource()
 
     def stopProducing(self) -> None:
-        self._consumer = None
-        self._uploadDone = None
-
-    def _endUpload(self, error: Exception | None) -> None:
-        done, self._uploadDone = self._uploadDone, None
-        self._consumer = None
-        if done is not None and not done.called:
-            if error is None:
-                done.callback(None)
-            else:
-                done.errback(Failure(error))
-
-    def _endUploadQuietly(self) -> None:
-        self._uploadDone = None
-        self._consumer = None
+        self._uploadPaused = True
 
     def _pauseSource(self) -> None:
         if not self._sourcePaused and self._source is not None:
@@ -417,11 +389,15 @@ class Exchange(Protocol):
             self._source.resumeProducing()
 
 
+class ProxyGaveUpError(Exception):
+    """The proxy itself gave up on the upstream connection."""
+
+
 def _describe(reason: Failure) -> str:
     """
     Name what went wrong without formatting any object that might hold the
-    request (and so the secret key): exception class names only, nested
-    ones included.
+    request (and so the secret key): exception class names and the short
+    messages of transport and TLS errors only.
     """
     names = [reason.type.__name__ if reason.type else "Error"]
     inner = getattr(reason.value, "reasons", None)
@@ -430,9 +406,8 @@ def _describe(reason: Failure) -> str:
             if isinstance(sub, Failure):
                 text = sub.getErrorMessage()[:120] if sub.type else ""
                 names.append(f"{sub.type.__name__ if sub.type else '?'}({text})")
+    elif reason.type is not None and reason.type.__module__.startswith(
+        ("twisted.internet", "OpenSSL", "clerkproxy._client")
+    ):
+        names.append(reason.getErrorMessage()[:160])
     return ": ".join(names)
-
-
-from twisted.web.http_headers import Headers  # noqa: E402
-
-_EMPTY = Headers()

@@ -2,8 +2,9 @@
 Header rules: what FAPI gets from the client, and what the client gets back.
 
 Header names arrive canonicalised by L{twisted.web.http_headers.Headers}
+on the way in and by the upstream client on the way back
 (C{Clerk-Secret-Key}), so every set here holds canonical names and the
-per-request work is dictionary look-ups with no string munging.
+per-request work is set look-ups and one C{bytes.join}.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ __all__ = [
     "INJECTED",
     "connection_listed",
     "downstream_headers",
-    "upstream_headers",
+    "injected_block",
+    "upstream_head",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -39,10 +41,9 @@ INJECTED = frozenset(
     {b"Host", b"Clerk-Proxy-Url", b"Clerk-Secret-Key", b"X-Forwarded-For"}
 )
 
-# Framing is the upstream client's business (it writes Content-Length or
-# chunked itself), and Expect was already answered to the client.
+# Framing is written by the proxy for the body it actually sends, and
+# Expect was already answered to the client.
 _DROP_UPSTREAM = HOP_BY_HOP | INJECTED | {b"Content-Length", b"Expect"}
-_DROP_DOWNSTREAM = HOP_BY_HOP
 
 
 def connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -59,52 +60,68 @@ def connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def _filtered(
-    source: Headers, drop: frozenset[bytes], connection: Headers
-) -> dict[bytes, list[bytes]]:
-    listed = connection.getRawHeaders(b"Connection")
-    if listed:
-        drop = drop | connection_listed(listed)
-    raw: dict[bytes, list[bytes]] = {}
-    for name, values in source.getAllRawHeaders():
-        if name not in drop:
-            raw[name] = list(values)
-    return raw
+def injected_block(proxy_url: bytes, secret: bytes) -> bytes:
+    """The constant part of every upstream head, built once per proxy."""
+    return (
+        b"Clerk-Proxy-Url: " + proxy_url + b"\r\nClerk-Secret-Key: " + secret + b"\r\n"
+    )
 
 
-def upstream_headers(
+def upstream_head(
+    method: bytes,
+    target: bytes,
     incoming: Headers,
     host: bytes,
-    proxy_url: bytes,
-    secret: bytes,
+    injected: bytes,
     forwarded_for: bytes,
+    framing: bytes,
+) -> bytes:
+    """
+    The request head for FAPI, ready for the wire: C{Host}, then every
+    end-to-end header the client sent (repeated ones in order), then the
+    Clerk headers and C{X-Forwarded-For}, which no client value can
+    override, then the framing of the body the proxy will send.
+
+    The client's values were validated by Twisted's server parser (no CR,
+    LF or NUL), so they are copied as they are.
+    """
+    drop = _DROP_UPSTREAM
+    listed = incoming.getRawHeaders(b"Connection")
+    if listed:
+        drop = drop | connection_listed(listed)
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    append = parts.append
+    for name, values in incoming.getAllRawHeaders():
+        if name not in drop:
+            for value in values:
+                append(name)
+                append(b": ")
+                append(value)
+                append(b"\r\n")
+    append(injected)
+    if forwarded_for:
+        append(b"X-Forwarded-For: ")
+        append(forwarded_for)
+        append(b"\r\n")
+    append(framing)
+    append(b"\r\n")
+    return b"".join(parts)
+
+
+def downstream_headers(
+    headers: dict[bytes, list[bytes]], connection: dict[bytes, list[bytes]]
 ) -> Headers:
     """
-    The headers to send to FAPI: every end-to-end header the client sent,
-    repeated ones in order, then C{Host} and the three Clerk headers, which
-    no client value can override.
+    FAPI's response headers for the client.  The upstream client already
+    set connection-control headers apart; this drops the remaining
+    hop-by-hop ones and any header FAPI's C{Connection} names.  Every
+    C{Set-Cookie} stays a separate, unchanged value.
     """
-    raw = {b"Host": [host]}
-    raw.update(_filtered(incoming, _DROP_UPSTREAM, incoming))
-    raw[b"Clerk-Proxy-Url"] = [proxy_url]
-    raw[b"Clerk-Secret-Key"] = [secret]
-    if forwarded_for:
-        raw[b"X-Forwarded-For"] = [forwarded_for]
-    headers = Headers()
-    # The values were validated by the server's parser already; assigning the
-    # dictionary skips Headers' per-value re-sanitising.
-    headers._rawHeaders = raw
-    return headers
-
-
-def downstream_headers(response: Headers, connection: Headers) -> Headers:
-    """
-    FAPI's response headers minus hop-by-hop ones; every C{Set-Cookie}
-    stays a separate, unchanged value.
-
-    @param connection: The upstream response's connection-control headers
-        (Twisted's client keeps C{Connection} apart from the rest).
-    """
-    headers = Headers()
-    headers._rawHeaders = _filtered(response, _DROP_DOWNSTREAM, connection)
-    return headers
+    listed = connection.get(b"Connection")
+    drop = HOP_BY_HOP | connection_listed(listed) if listed else HOP_BY_HOP
+    for name in [n for n in headers if n in drop]:
+        del headers[name]
+    out = Headers()
+    # Names and values were validated by the upstream client's parser.
+    out._rawHeaders = headers
+    return out

@@ -11,9 +11,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from ._config import ProxyConfig
+from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._exchange import Exchange, FileSource
 from ._forwarded import ClientAddress
+from ._headers import injected_block
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
 from .interfaces import IRequestBodyReceiver, IStreamingResource
@@ -68,6 +70,10 @@ class FrontendAPIProxy(Resource):
                 idleTimeout=config.pool_idle_timeout,
             )
         self.upstream = upstream
+        self.deadlines = Deadlines(reactor, config.upstream_timeout)
+        self.injected = injected_block(
+            config.proxy_url_header, config.secret_key.headerValue()
+        )
 
     def _target(self, request: Request) -> bytes | None:
         config = self.config

@@ -32,27 +32,13 @@ from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
+
+from ._client import UpstreamConnection
 
 __all__ = ["UpstreamPool", "fapi_endpoint"]
 
 #: Seconds idle connections get to close politely when the pool closes.
 _CLOSE_GRACE = 3.0
-
-
-class _PooledProtocol(HTTP11ClientProtocol):
-    """Twisted's HTTP/1.1 client protocol, telling its pool when it dies."""
-
-    reused = False
-    idleSince = 0.0
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        HTTP11ClientProtocol.__init__(self, pool._release)
-        self._pool = pool
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        HTTP11ClientProtocol.connectionLost(self, reason)
-        self._pool._lost(self)
 
 
 class _PoolFactory(Factory):
@@ -63,8 +49,8 @@ class _PoolFactory(Factory):
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
 
-    def buildProtocol(self, addr: Any) -> _PooledProtocol:
-        return _PooledProtocol(self._pool)
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self._pool)
 
 
 def fapi_endpoint(
@@ -107,10 +93,10 @@ class UpstreamPool:
         self._factory = _PoolFactory(self)
         self._max = maxConnections
         self._idleTimeout = idleTimeout
-        self._idle: list[_PooledProtocol] = []
-        self._open: set[_PooledProtocol] = set()
+        self._idle: list[UpstreamConnection] = []
+        self._open: set[UpstreamConnection] = set()
         self._connecting = 0
-        self._waiters: deque[Deferred[_PooledProtocol]] = deque()
+        self._waiters: deque[Deferred[UpstreamConnection]] = deque()
         self._sweeper: IDelayedCall | None = None
         self._closed = False
         self.connectionsOpened = 0
@@ -123,31 +109,38 @@ class UpstreamPool:
     def openConnections(self) -> int:
         return len(self._open)
 
-    def acquire(self) -> Deferred[_PooledProtocol]:
+    def take(self) -> UpstreamConnection | None:
+        """The most recently used idle connection, if any: no L{Deferred}."""
+        idle = self._idle
+        while idle:
+            proto = idle.pop()
+            if proto.idle:
+                proto.reused = True
+                return proto
+        return None
+
+    def acquire(self) -> Deferred[UpstreamConnection]:
         """
         A connection ready for one request: the most recently used idle one
         (its C{reused} is true), a new one, or, at the cap, the next one to be
         released.  Cancelling the L{Deferred} gives up the place in the queue
         or the connection attempt.
         """
-        idle = self._idle
-        while idle:
-            proto = idle.pop()
-            if proto.state == "QUIESCENT":
-                proto.reused = True
-                return succeed(proto)
+        proto = self.take()
+        if proto is not None:
+            return succeed(proto)
         if self._closed:
             return fail(CancelledError("pool closed"))
         if len(self._open) + self._connecting < self._max:
             return self._connect()
-        waiter: Deferred[_PooledProtocol] = Deferred(self._waiters.remove)
+        waiter: Deferred[UpstreamConnection] = Deferred(self._waiters.remove)
         self._waiters.append(waiter)
         return waiter
 
-    def _connect(self) -> Deferred[_PooledProtocol]:
+    def _connect(self) -> Deferred[UpstreamConnection]:
         self._connecting += 1
 
-        def connected(proto: _PooledProtocol) -> _PooledProtocol:
+        def connected(proto: UpstreamConnection) -> UpstreamConnection:
             self._connecting -= 1
             self._open.add(proto)
             self.connectionsOpened += 1
@@ -161,23 +154,10 @@ class UpstreamPool:
         d: Deferred[Any] = self._endpoint.connect(self._factory)
         return d.addCallbacks(connected, failed)
 
-    def _release(self, proto: _PooledProtocol) -> None:
-        """The protocol's quiescent callback: it can take another request."""
+    def _release(self, proto: UpstreamConnection) -> None:
+        """The connection finished an exchange and can take another."""
         if self._closed:
             proto.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        if self._waiters:
-            # Not synchronously: the protocol is still tidying up the
-            # previous response when it calls us.
-            self._clock.callLater(0, self._handOff, proto)
-            return
-        proto.idleSince = self._clock.seconds()
-        self._idle.append(proto)
-        if self._sweeper is None:
-            self._sweeper = self._clock.callLater(self._idleTimeout, self._sweep)
-
-    def _handOff(self, proto: _PooledProtocol) -> None:
-        if proto.state != "QUIESCENT":
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -185,7 +165,10 @@ class UpstreamPool:
                 proto.reused = True
                 waiter.callback(proto)
                 return
-        self._release(proto)
+        proto.idleSince = self._clock.seconds()
+        self._idle.append(proto)
+        if self._sweeper is None:
+            self._sweeper = self._clock.callLater(self._idleTimeout, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -201,7 +184,7 @@ class UpstreamPool:
             wait = self._idle[0].idleSince + self._idleTimeout - self._clock.seconds()
             self._sweeper = self._clock.callLater(max(wait, 0.0), self._sweep)
 
-    def _lost(self, proto: _PooledProtocol) -> None:
+    def _lost(self, proto: UpstreamConnection) -> None:
         self._open.discard(proto)
         try:
             self._idle.remove(proto)
@@ -216,7 +199,7 @@ class UpstreamPool:
                 continue
 
             def deliver(
-                proto: _PooledProtocol, waiter: Deferred[_PooledProtocol] = waiter
+                proto: UpstreamConnection, waiter: Deferred[UpstreamConnection] = waiter
             ) -> None:
                 if waiter.called:
                     self._release(proto)
@@ -224,7 +207,7 @@ class UpstreamPool:
                     waiter.callback(proto)
 
             def fail(
-                reason: Failure, waiter: Deferred[_PooledProtocol] = waiter
+                reason: Failure, waiter: Deferred[UpstreamConnection] = waiter
             ) -> None:
                 if not waiter.called:
                     waiter.errback(reason)
@@ -243,7 +226,7 @@ class UpstreamPool:
         while self._waiters:
             self._waiters.popleft().cancel()
         idle, self._idle = self._idle, []
-        done = gatherResults([_abort(proto) for proto in idle])
+        done = gatherResults([proto.closed() for proto in idle])
         if not done.called:
             # A peer that never answers our TLS close must not hold up exit.
             force = self._clock.callLater(
@@ -252,8 +235,3 @@ class UpstreamPool:
             )
             done.addBoth(lambda result: force.cancel() if force.active() else None)
         return done
-
-
-def _abort(proto: HTTP11ClientProtocol) -> Deferred[None]:
-    done: Deferred[None] = proto.abort()
-    return done

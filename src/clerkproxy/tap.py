@@ -8,7 +8,10 @@ imported only when the service is built.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -24,6 +27,7 @@ from ._proxy import FrontendAPIProxy
 from ._site import build_site
 from ._tls import load_trust_root, server_tls_options
 from ._upstream import UpstreamPool
+from ._workers import WorkerSupervisor, bind, worker_listen_spec
 
 __all__ = ["Options", "makeService"]
 
@@ -82,6 +86,12 @@ class Options(usage.Options):
         ["max-body-size", None, 16 * MiB, "Largest request body relayed, in bytes."],
         ["connect-timeout", None, 10.0, "Seconds to connect to FAPI."],
         ["upstream-timeout", None, 30.0, "Seconds for FAPI to start answering."],
+        [
+            "workers",
+            None,
+            "1",
+            "Worker processes sharing the ports: a number, or auto for one per CPU.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -97,6 +107,11 @@ class Options(usage.Options):
     def opt_trusted_proxy(self, cidr: str) -> None:
         """A peer range whose X-Forwarded-For is believed.  Repeatable."""
         self["trusted-proxy"].append(cidr)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept verbatim so that worker processes can parse the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        usage.Options.parseOptions(self, options)
 
     def postOptions(self) -> None:
         try:
@@ -137,6 +152,13 @@ class Options(usage.Options):
             upstream_timeout=_number(self, "upstream-timeout", float),
         )
         self.ports = self["port"] or ["tcp:8080"]
+        self.workers = _workers_count(self["workers"])
+        if self.workers > 1:
+            tls = self.tlsOptions is not None
+            self.listenSpecs = [
+                worker_listen_spec(description, tls and description.isdigit())
+                for description in self.ports
+            ]
         for description in self.ports:
             self._endpoint(MemoryReactor(), description)  # syntax check only
 
@@ -169,10 +191,26 @@ class _PoolCloser(Service):
         return self._pool.close()
 
 
+def _workers_count(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(
+            f"--workers must be a whole number of at least 1, or auto; got {value!r}"
+        )
+    return count
+
+
 def makeService(options: Options) -> IService:
     """The listening ports, the proxy behind them, and its FAPI pool."""
     from twisted.internet import reactor
 
+    if options.workers > 1:
+        return _workersService(options, reactor)
     config = options.config
     proxy = FrontendAPIProxy(config, reactor, trustRoot=options.trustRoot)
     site = build_site(proxy, reactor)
@@ -181,6 +219,9 @@ def makeService(options: Options) -> IService:
         endpoint = options._endpoint(reactor, description)
         service.addService(StreamServerEndpointService(endpoint, site))
     service.addService(_PoolCloser(proxy.upstream))
+    # Everything built so far lives as long as the process: keep it out of
+    # the cyclic collector's full passes, which otherwise add tail latency.
+    reactor.callWhenRunning(gc.freeze)
     _log.info(
         "clerkproxy: {prefix}/* -> {fapi} on {ports}",
         prefix=config.prefix.decode("ascii"),
@@ -188,3 +229,18 @@ def makeService(options: Options) -> IService:
         ports=", ".join(options.ports),
     )
     return service
+
+
+def _workersService(options: Options, reactor: Any) -> IService:
+    try:
+        sockets = [(bind(spec), spec) for spec in options.listenSpecs]
+    except ConfigError as e:
+        raise SystemExit(f"clerkproxy: {e}") from None
+    _log.info(
+        "clerkproxy: {workers} workers, {prefix}/* -> {fapi} on {ports}",
+        workers=options.workers,
+        prefix=options.config.prefix.decode("ascii"),
+        fapi=options.config.fapi_url,
+        ports=", ".join(options.ports),
+    )
+    return WorkerSupervisor(reactor, options.workers, sockets, options.argv)

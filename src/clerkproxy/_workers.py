@@ -1,0 +1,204 @@
+"""
+Several worker processes serving the same listening sockets.
+
+The parent (the twistd process) binds every socket once and never accepts
+on them.  Each worker inherits the descriptors, adopts them with
+C{adoptStreamPort} and runs its own proxy with its own FAPI pool; the
+kernel hands each new connection to whichever worker accepts first.  A
+worker that dies is restarted, and because the listening socket lives in
+the parent, connections waiting in its queue are not lost meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import _parse
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._config import ConfigError
+
+__all__ = ["ListenSpec", "WorkerSupervisor", "bind", "worker_listen_spec"]
+
+_log = Logger(namespace="clerkproxy.workers")
+
+#: Seconds a worker gets to exit after SIGTERM before it is killed.
+STOP_GRACE = 30.0
+_RESTART_MIN = 0.5
+_RESTART_MAX = 30.0
+
+
+@attrs.frozen
+class ListenSpec:
+    """One listening socket shared by the workers, and how they wrap it."""
+
+    port: int
+    interface: str
+    backlog: int
+    tls: bool
+    haproxy: bool
+
+
+def worker_listen_spec(description: str, tls: bool) -> ListenSpec:
+    """
+    Parse a C{--port} value usable with C{--workers}: a port number, or a
+    C{tcp:} description, optionally behind C{haproxy:}.
+    """
+    haproxy = description.startswith("haproxy:")
+    inner = description[len("haproxy:") :] if haproxy else description
+    if inner.isdigit():
+        return ListenSpec(int(inner), "", 1024, tls, haproxy)
+    args, kwargs = _parse(inner)
+    if not args or args[0] != "tcp" or len(args) > 2:
+        raise ConfigError(
+            f"--workers needs each --port to be a port number or a tcp: "
+            f"description (optionally behind haproxy:); got {description!r}"
+        )
+    try:
+        port = int(kwargs.pop("port", args[1] if len(args) > 1 else ""))
+        backlog = int(kwargs.pop("backlog", 1024))
+    except ValueError:
+        raise ConfigError(f"--port {description!r} has no valid port number") from None
+    interface = kwargs.pop("interface", "")
+    if kwargs:
+        raise ConfigError(
+            f"--port {description!r}: with --workers only port, interface and "
+            f"backlog are understood, not {', '.join(sorted(kwargs))}"
+        )
+    return ListenSpec(port, interface, backlog, False, haproxy)
+
+
+def bind(spec: ListenSpec) -> socket.socket:
+    """Bind and listen; the socket is inheritable by the workers."""
+    family = socket.AF_INET6 if ":" in spec.interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((spec.interface, spec.port))
+        sock.listen(spec.backlog)
+    except OSError as e:
+        sock.close()
+        where = f"{spec.interface or '*'}:{spec.port}"
+        raise ConfigError(f"--port: cannot listen on {where}: {e.strerror}") from None
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor._ended(self, reason)
+
+
+class WorkerSupervisor(Service):
+    """
+    Keeps C{count} workers running on the inherited C{sockets}.
+
+    @param argv: The worker's command line after the interpreter.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        sockets: Sequence[tuple[socket.socket, ListenSpec]],
+        argv: Sequence[str],
+    ) -> None:
+        self._reactor = reactor
+        self._count = count
+        self._sockets = list(sockets)
+        self._argv = list(argv)
+        self._workers: dict[int, _Worker] = {}
+        self._transports: dict[int, Any] = {}
+        self._delays: dict[int, float] = {}
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [t.pid for t in self._transports.values() if t.pid is not None]
+
+    def startService(self) -> None:
+        Service.startService(self)
+        for index in range(self._count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        worker = _Worker(self, index)
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        fdArgs = []
+        for sock, spec in self._sockets:
+            fd = sock.fileno()
+            childFDs[fd] = fd
+            kind = "tls" if spec.tls else "tcp"
+            if spec.haproxy:
+                kind = "haproxy-" + kind
+            fdArgs += ["--inherited", f"{fd}:{sock.family.value}:{kind}"]
+        argv = [sys.executable, "-m", "clerkproxy._worker", *fdArgs, "--", *self._argv]
+        self._workers[index] = worker
+        self._transports[index] = self._reactor.spawnProcess(
+            worker, sys.executable, argv, env=os.environ.copy(), childFDs=childFDs
+        )
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        index = worker.index
+        self._workers.pop(index, None)
+        self._transports.pop(index, None)
+        if self._stopping:
+            return
+        delay = self._delays.get(index, _RESTART_MIN)
+        self._delays[index] = min(delay * 2, _RESTART_MAX)
+        _log.warn(
+            "worker {index} exited ({why}); restarting in {delay:.1f}s",
+            index=index,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._reactor.callLater(delay, self._respawn, index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping and index not in self._workers:
+            self._spawn(index)
+            # A worker that stays up a minute earns a quick restart again.
+            self._reactor.callLater(60, self._delays.pop, index, None)
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        self._stopping = True
+        ended = [worker.ended for worker in self._workers.values()]
+        for transport in self._transports.values():
+            _signal(transport, "TERM")
+        killer = self._reactor.callLater(STOP_GRACE, self._killAll)
+
+        def done(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            for sock, _ in self._sockets:
+                sock.close()
+            return result
+
+        return DeferredList(ended).addBoth(done)
+
+    def _killAll(self) -> None:
+        for transport in self._transports.values():
+            _signal(transport, "KILL")
+
+
+def _signal(transport: Any, name: str) -> None:
+    with contextlib.suppress(Exception):  # already gone
+        transport.signalProcess(name)

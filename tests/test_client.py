@@ -1,0 +1,238 @@
+"""The upstream HTTP/1.1 client connection, byte by byte, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_pool import HEAD, FakeEndpoint, Recorder
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from clerkproxy._client import UpstreamConnection, UpstreamProtocolError
+from clerkproxy._upstream import UpstreamPool
+
+
+def connection() -> tuple[UpstreamConnection, StringTransport, UpstreamPool]:
+    pool = UpstreamPool(MemoryReactorClock(), FakeEndpoint())
+    conn = UpstreamConnection(pool)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    pool._open.add(conn)
+    return conn, transport, pool
+
+
+def exchange(
+    response: bytes, head: bytes = HEAD, isHead: bool = False, pieces: int = 1
+) -> tuple[Recorder, UpstreamConnection, StringTransport, UpstreamPool]:
+    conn, transport, pool = connection()
+    recorder = Recorder()
+    conn.send(recorder, head, isHead, None)
+    step = max(1, -(-len(response) // pieces))
+    for i in range(0, len(response), step):
+        conn.dataReceived(response[i : i + step])
+    return recorder, conn, transport, pool
+
+
+def body_of(recorder: Recorder) -> bytes:
+    return b"".join(e[1] for e in recorder.events if e[0] == "data")
+
+
+def test_content_length_response_then_idle_in_the_pool() -> None:
+    recorder, conn, transport, pool = exchange(
+        b"HTTP/1.1 201 Created\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"content-length: 5\r\nX-Y: z\r\n\r\nhello"
+    )
+    start = recorder.events[0]
+    assert start[:3] == ("start", 201, b"Created")
+    assert start[3] == {b"Set-Cookie": [b"a=1", b"b=2"], b"X-Y": [b"z"]}
+    assert start[4] == 5 and start[5] == {b"Content-Length": [b"5"]}
+    assert body_of(recorder) == b"hello" and recorder.events[-1] == ("done",)
+    assert transport.value() == HEAD
+    assert pool.idleConnections == 1 and not transport.disconnecting
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 7, 1000])
+def test_chunked_response_in_any_pieces(pieces: int) -> None:
+    response = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    recorder, conn, transport, pool = exchange(response, pieces=pieces)
+    assert body_of(recorder) == b"hello world"
+    assert recorder.events[0][4] is None
+    assert recorder.events[-1] == ("done",) and pool.idleConnections == 1
+
+
+@given(
+    body=st.binary(max_size=3000),
+    sizes=st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    split=st.integers(1, 50),
+)
+def test_chunked_decoding_round_trips(
+    body: bytes, sizes: list[int], split: int
+) -> None:
+    chunks, rest, i = [], body, 0
+    while rest:
+        n = sizes[i % len(sizes)]
+        chunks.append(b"%x\r\n%s\r\n" % (len(rest[:n]), rest[:n]))
+        rest, i = rest[n:], i + 1
+    response = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(chunks)
+        + b"0\r\n\r\n"
+    )
+    recorder, *_ = exchange(response, pieces=split)
+    assert body_of(recorder) == body and recorder.events[-1] == ("done",)
+
+
+def test_interim_responses_are_skipped() -> None:
+    recorder, *_ = exchange(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert recorder.events[0][1] == 200 and body_of(recorder) == b"ok"
+
+
+def test_head_response_keeps_its_content_length_and_has_no_body() -> None:
+    recorder, conn, transport, pool = exchange(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+        head=b"HEAD / HTTP/1.1\r\nHost: f\r\n\r\n",
+        isHead=True,
+    )
+    assert recorder.events[0][3][b"Content-Length"] == [b"1234"]
+    assert recorder.events[-1] == ("done",) and pool.idleConnections == 1
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_no_body_statuses(code: int) -> None:
+    recorder, _, _, pool = exchange(
+        b"HTTP/1.1 %d X\r\nContent-Length: 10\r\n\r\n" % code
+    )
+    assert recorder.events[-1] == ("done",) and body_of(recorder) == b""
+    assert pool.idleConnections == 1
+
+
+@pytest.mark.parametrize("framing", [b"", b"Transfer-Encoding: gzip\r\n"])
+def test_close_delimited_body_ends_at_close_and_is_not_pooled(framing: bytes) -> None:
+    recorder, conn, transport, pool = exchange(
+        b"HTTP/1.1 200 OK\r\n" + framing + b"\r\nsome bytes"
+    )
+    assert recorder.events[0][4] is None
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert body_of(recorder) == b"some bytes" and recorder.events[-1] == ("done",)
+    assert pool.idleConnections == 0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
+    ],
+)
+def test_responses_that_end_the_connection(response: bytes) -> None:
+    recorder, conn, transport, pool = exchange(response)
+    assert pool.idleConnections == 0
+    assert transport.disconnecting
+
+
+def test_http_1_0_keep_alive_is_honoured() -> None:
+    _, _, transport, pool = exchange(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert pool.idleConnections == 1 and not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\nInjected: b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
+    ],
+)
+def test_malformed_responses_fail_the_exchange(response: bytes) -> None:
+    recorder, conn, transport, pool = exchange(response)
+    failed = [e for e in recorder.events if e[0] == "failed"]
+    assert failed and failed[0][1].check(UpstreamProtocolError)
+    assert transport.disconnecting and pool.idleConnections == 0
+    assert ("done",) not in recorder.events
+
+
+def test_an_oversized_head_fails() -> None:
+    recorder, _, transport, _ = exchange(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000)
+    assert recorder.events[0][0] == "failed" and transport.disconnecting
+
+
+def test_loss_before_anything_arrived_says_so() -> None:
+    conn, transport, pool = connection()
+    recorder = Recorder()
+    conn.send(recorder, HEAD, False, None)
+    conn.connectionLost(Failure(ConnectionLost()))
+    assert recorder.events == [("failed", recorder.events[0][1], True)]
+    assert pool.openConnections == 0
+
+
+def test_loss_mid_body_is_a_failure_not_an_ending() -> None:
+    recorder, conn, *_ = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    conn.connectionLost(Failure(ConnectionLost()))
+    assert recorder.events[-1][0] == "failed" and recorder.events[-1][2] is False
+
+
+def test_bytes_on_an_idle_connection_close_it() -> None:
+    _, conn, transport, pool = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\n")
+    assert transport.disconnecting
+
+
+def test_request_bodies_are_framed() -> None:
+    conn, transport, _ = connection()
+    recorder = Recorder()
+    conn.send(
+        recorder, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", False, -1
+    )
+    conn.writeBody(b"hello")
+    conn.endBody()
+    assert transport.value().endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    conn2, transport2, _ = connection()
+    conn2.send(recorder, b"PUT / HTTP/1.1\r\nContent-Length: 3\r\n\r\n", False, 3)
+    conn2.writeBody(b"abc")
+    conn2.endBody()
+    assert transport2.value().endswith(b"\r\n\r\nabc")
+
+
+def test_an_answer_before_the_body_ended_closes_the_connection() -> None:
+    conn, transport, pool = connection()
+    recorder = Recorder()
+    conn.send(recorder, b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n", False, 100)
+    conn.writeBody(b"partial")
+    conn.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert recorder.events[-1] == ("done",)
+    assert transport.disconnecting and pool.idleConnections == 0
+
+
+def test_pause_and_resume_reach_the_socket() -> None:
+    conn, transport, _ = connection()
+    conn.pauseProducing()
+    assert transport.producerState == "paused"
+    conn.resumeProducing()
+    assert transport.producerState == "producing"
+    conn.stopProducing()
+    assert transport.disconnecting
+
+
+_: Any = None

@@ -1,0 +1,126 @@
+"""`--workers N`: several processes on the same ports, restarted when they die."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import trustme
+from twisted.internet.threads import deferToThread
+
+from clerkproxy._config import ConfigError
+from clerkproxy._workers import ListenSpec, worker_listen_spec
+from test_cli import free_port, start_against, stop, twistd, wait_listening
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def get(port: int) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/__clerk/v1/environment")
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def wait_for(predicate: Any, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition never held")
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_both_answer_and_a_dead_one_comes_back(fapi: Any, ca: trustme.CA, tmp_path: Path) -> None:
+    port = free_port()
+    process = start_against(fapi, ca, tmp_path, ["--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"])
+
+    def scenario() -> list[int]:
+        wait_listening(port, process)
+        wait_for(lambda: len(children(process.pid)) == 2)
+        first, second = children(process.pid)
+        statuses = []
+        # With one worker frozen, the other answers everything; then swap.
+        for frozen in (first, second):
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                statuses += [get(port) for _ in range(3)]
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+        # Killing a worker does not lose the port, and it is replaced.
+        os.kill(first, signal.SIGKILL)
+        statuses += [get(port) for _ in range(3)]
+        wait_for(lambda: len(children(process.pid)) == 2 and first not in children(process.pid))
+        statuses.append(get(port))
+        return statuses
+
+    try:
+        statuses = await deferToThread(scenario)
+        workers = children(process.pid)
+    finally:
+        output = await deferToThread(stop, process)
+    assert statuses == [200] * 10
+    assert "restarting" in output
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_workers_auto_and_bad_values() -> None:
+    from clerkproxy.tap import _workers_count
+
+    assert _workers_count("auto") == (os.cpu_count() or 1)
+    assert _workers_count("3") == 3
+    for bad in ("0", "-1", "many", ""):
+        with pytest.raises(ConfigError, match="--workers"):
+            _workers_count(bad)
+
+
+def test_worker_ports() -> None:
+    assert worker_listen_spec("443", True) == ListenSpec(443, "", 1024, True, False)
+    assert worker_listen_spec("tcp:8080:interface=127.0.0.1:backlog=10", False) == ListenSpec(8080, "127.0.0.1", 10, False, False)
+    assert worker_listen_spec("haproxy:tcp:8443", False) == ListenSpec(8443, "", 1024, False, True)
+    assert worker_listen_spec("tcp:port=9:interface=\\:\\:1", False).interface == "::1"
+    for bad in ("ssl:443:privateKey=k", "unix:/tmp/s", "systemd:domain=INET:index=0", "tcp:80:reuse=1"):
+        with pytest.raises(ConfigError, match="--port|--workers"):
+            worker_listen_spec(bad, False)
+
+
+def test_workers_with_an_unsupported_port_is_a_clear_error() -> None:
+    result = twistd("--proxy-url", "https://a.test/__clerk", "--workers", "2", "--port", "ssl:443:privateKey=k.pem", env={"CLERK_SECRET_KEY": "sk_live_x"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--workers" in result.stderr
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(Path(os.sys.executable).with_name("twistd")), "-n", "--pidfile=", "clerkproxy", "--proxy-url", "https://a.test/__clerk", "--workers", "2", "--port", f"tcp:{port}:interface=127.0.0.1"],
+            env={**os.environ, "CLERK_SECRET_KEY": "sk_live_x"}, capture_output=True, text=True, timeout=30, check=False,
+        )
+    assert result.returncode != 0
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
