@@ -305,9 +305,7 @@ def clerkproxy(workers: int = 1) -> Callable[[Setup, int], subprocess.Popen[byte
 def nginx_contender(tuned: bool) -> Callable[[Setup, int], subprocess.Popen[bytes]]:
     def start(s: Setup, port: int) -> subprocess.Popen[bytes]:
         if tuned:
-            upstream = (
-                f"upstream fapi {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 128; }}"
-            )
+            upstream = f"upstream fapi {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 128; keepalive_requests 1000000; }}"
             location = f"""
             location /__clerk/ {{
                 rewrite ^/__clerk/(.*)$ /$1 break;
@@ -566,8 +564,12 @@ async def _slow_upstream(rate: float) -> asyncio.base_events.Server:
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
+            except (
+                asyncio.IncompleteReadError,
+                ConnectionError,
+                asyncio.CancelledError,
+            ):
+                break  # the proxy closed its pooled connection, or we are done
             m = re.search(rb"Content-Length: (\d+)", head, re.I)
             length = int(m.group(1)) if m else 0
             got = await _slow_read_exact(reader, length, rate)
@@ -610,7 +612,8 @@ def streaming_growth(
     """(RSS growth in MiB, seconds) while moving C{size} bytes through the proxy."""
     port = PROXY_PORT
     wait_port_free(port)
-    fapi = f"https://localhost:{SLOW_UPSTREAM_PORT}" if direction == "upload" else None
+    uploading = direction != "download"
+    fapi = f"https://localhost:{SLOW_UPSTREAM_PORT}" if uploading else None
     extra = [
         "--port",
         f"tcp:{port}:interface=127.0.0.1",
@@ -628,7 +631,10 @@ def streaming_growth(
         wait_port(port)
 
         async def move() -> tuple[float, float]:
-            server = await _slow_upstream(rate) if direction == "upload" else None
+            # "upload": a fast client and an upstream reading at C{rate};
+            # "slow-writer": a client writing at C{rate} to a fast upstream.
+            upstream_rate = rate if direction == "upload" else 1e12
+            server = await _slow_upstream(upstream_rate) if uploading else None
             # Settle: one small exchange first, so the pool and TLS state exist.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
@@ -663,6 +669,10 @@ def streaming_growth(
                     writer.write(chunk[:n])
                     left -= n
                     await writer.drain()
+                    if direction == "slow-writer":
+                        ahead = (size - left) / rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
                 await reader.readuntil(b"\r\n\r\n")
                 body = await reader.read()
                 got = int(re.search(rb'"received":(\d+)', body).group(1))  # type: ignore[union-attr]
@@ -827,16 +837,16 @@ def main() -> None:
                 results.memory.append((label, f"{cost:.1f} KiB"))
                 print(label, f"{cost:.1f} KiB", flush=True)
         if args.stream_size:
-            for direction in ("download", "upload"):
+            for direction in ("download", "upload", "slow-writer"):
                 growth, seconds = streaming_growth(
                     s, direction, args.stream_size, args.stream_rate
                 )
-                peer = (
-                    "to a slow reader"
-                    if direction == "download"
-                    else "to a slow upstream reader"
-                )
-                label = f"RSS growth streaming {args.stream_size / 2**30:.3g} GiB {direction} {peer} ({args.stream_rate / 1e6:.0f} MB/s, {seconds:.1f} s)"
+                peer = {
+                    "download": "download to a slow reader",
+                    "upload": "upload to a slow upstream reader",
+                    "slow-writer": "upload from a slow writer",
+                }[direction]
+                label = f"RSS growth streaming {args.stream_size / 2**30:.3g} GiB {peer} ({args.stream_rate / 1e6:.0f} MB/s, {seconds:.1f} s)"
                 results.memory.append((label, f"{growth:.1f} MiB"))
                 print(label, f"{growth:.1f} MiB", flush=True)
     finally:
