@@ -52,9 +52,16 @@ def wait_for(predicate: Any, seconds: float = 20.0) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_workers_both_answer_and_a_dead_one_comes_back(fapi: Any, ca: trustme.CA, tmp_path: Path) -> None:
+async def test_two_workers_both_answer_and_a_dead_one_comes_back(
+    fapi: Any, ca: trustme.CA, tmp_path: Path
+) -> None:
     port = free_port()
-    process = start_against(fapi, ca, tmp_path, ["--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"])
+    process = start_against(
+        fapi,
+        ca,
+        tmp_path,
+        ["--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"],
+    )
 
     def scenario() -> list[int]:
         wait_listening(port, process)
@@ -71,7 +78,11 @@ async def test_two_workers_both_answer_and_a_dead_one_comes_back(fapi: Any, ca: 
         # Killing a worker does not lose the port, and it is replaced.
         os.kill(first, signal.SIGKILL)
         statuses += [get(port) for _ in range(3)]
-        wait_for(lambda: len(children(process.pid)) == 2 and first not in children(process.pid))
+        wait_for(
+            lambda: (
+                len(children(process.pid)) == 2 and first not in children(process.pid)
+            )
+        )
         statuses.append(get(port))
         return statuses
 
@@ -97,16 +108,33 @@ def test_workers_auto_and_bad_values() -> None:
 
 def test_worker_ports() -> None:
     assert worker_listen_spec("443", True) == ListenSpec(443, "", 1024, True, False)
-    assert worker_listen_spec("tcp:8080:interface=127.0.0.1:backlog=10", False) == ListenSpec(8080, "127.0.0.1", 10, False, False)
-    assert worker_listen_spec("haproxy:tcp:8443", False) == ListenSpec(8443, "", 1024, False, True)
+    assert worker_listen_spec(
+        "tcp:8080:interface=127.0.0.1:backlog=10", False
+    ) == ListenSpec(8080, "127.0.0.1", 10, False, False)
+    assert worker_listen_spec("haproxy:tcp:8443", False) == ListenSpec(
+        8443, "", 1024, False, True
+    )
     assert worker_listen_spec("tcp:port=9:interface=\\:\\:1", False).interface == "::1"
-    for bad in ("ssl:443:privateKey=k", "unix:/tmp/s", "systemd:domain=INET:index=0", "tcp:80:reuse=1"):
+    for bad in (
+        "ssl:443:privateKey=k",
+        "unix:/tmp/s",
+        "systemd:domain=INET:index=0",
+        "tcp:80:reuse=1",
+    ):
         with pytest.raises(ConfigError, match="--port|--workers"):
             worker_listen_spec(bad, False)
 
 
 def test_workers_with_an_unsupported_port_is_a_clear_error() -> None:
-    result = twistd("--proxy-url", "https://a.test/__clerk", "--workers", "2", "--port", "ssl:443:privateKey=k.pem", env={"CLERK_SECRET_KEY": "sk_live_x"})
+    result = twistd(
+        "--proxy-url",
+        "https://a.test/__clerk",
+        "--workers",
+        "2",
+        "--port",
+        "ssl:443:privateKey=k.pem",
+        env={"CLERK_SECRET_KEY": "sk_live_x"},
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--workers" in result.stderr
 
@@ -119,8 +147,23 @@ def test_a_taken_port_is_a_clear_error() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [str(Path(os.sys.executable).with_name("twistd")), "-n", "--pidfile=", "clerkproxy", "--proxy-url", "https://a.test/__clerk", "--workers", "2", "--port", f"tcp:{port}:interface=127.0.0.1"],
-            env={**os.environ, "CLERK_SECRET_KEY": "sk_live_x"}, capture_output=True, text=True, timeout=30, check=False,
+            [
+                str(Path(os.sys.executable).with_name("twistd")),
+                "-n",
+                "--pidfile=",
+                "clerkproxy",
+                "--proxy-url",
+                "https://a.test/__clerk",
+                "--workers",
+                "2",
+                "--port",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            env={**os.environ, "CLERK_SECRET_KEY": "sk_live_x"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
     assert result.returncode != 0
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
