@@ -121,7 +121,7 @@ def test_worker_ports() -> None:
         "systemd:domain=INET:index=0",
         "tcp:80:reuse=1",
     ):
-        with pytest.raises(ConfigError, match="--port|--workers"):
+        with pytest.raises(ConfigError, match=r"--port|--workers"):
             worker_listen_spec(bad, False)
 
 
