@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
+from test_cli import free_port, start_against, stop, twistd, wait_listening
 from twisted.internet.threads import deferToThread
 
 from clerkproxy._config import ConfigError
 from clerkproxy._workers import ListenSpec, worker_listen_spec
-from test_cli import free_port, start_against, stop, twistd, wait_listening
 
 
 def children(pid: int) -> list[int]:
