@@ -257,6 +257,16 @@ def test_channel_private_attributes_exist() -> None:
 
 
 def test_streaming_site_writes_no_combined_log() -> None:
+    """Twisted's combined log would record session tokens in URLs."""
+    import io
+
     site = build_site(Recording(), MemoryReactorClock())
-    assert site.log(None) is None  # type: ignore[arg-type]
+    sink = io.StringIO()
+    site._logFile = sink
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /x?__session=eyJ.secret.jwt HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().endswith(b"plain")
+    assert sink.getvalue() == ""
     assert site.acceptableProtocols() == [b"http/1.1"]

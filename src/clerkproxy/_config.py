@@ -16,7 +16,7 @@ import attrs
 
 from ._secret import SecretKey
 
-__all__ = ["DEFAULT_FAPI", "ConfigError", "IPNetwork", "ProxyConfig"]
+__all__ = ["DEFAULT_FAPI", "ConfigError", "IPNetwork", "Origin", "ProxyConfig"]
 
 DEFAULT_FAPI = "https://frontend-api.clerk.dev"
 MiB = 1024 * 1024
@@ -112,6 +112,35 @@ def _check_body_size(
 
 
 @attrs.frozen
+class Origin:
+    """Where an upstream lives, in the forms the wire needs."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: bytes
+    base_path: bytes
+
+    @classmethod
+    def parse(cls, url: str, what: str) -> Origin:
+        parts = _split_url(url, what)
+        host = parts.hostname
+        assert host is not None
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        header = host if ":" not in host else f"[{host}]"
+        if port != (443 if tls else 80):
+            header = f"{header}:{port}"
+        return cls(
+            host,
+            port,
+            tls,
+            header.encode("ascii"),
+            parts.path.rstrip("/").encode("ascii"),
+        )
+
+
+@attrs.frozen
 class ProxyConfig:
     """
     What the Frontend API proxy needs to know.
@@ -128,6 +157,8 @@ class ProxyConfig:
     @ivar upstream_timeout: Seconds allowed for FAPI to start answering.
     @ivar pool_size: Most connections open to FAPI at once; more requests wait.
     @ivar pool_idle_timeout: Seconds an unused FAPI connection is kept.
+    @ivar app_url: The application's origin for every path outside the
+        prefix (the edge box's C{--app}), or L{None} for 404s there.
     """
 
     proxy_url: str
@@ -147,6 +178,7 @@ class ProxyConfig:
     pool_idle_timeout: float = attrs.field(
         default=30.0, validator=_positive("pool_idle_timeout")
     )
+    app_url: str | None = None
 
     # Derived once here so that the per-request path only reads bytes.
     prefix: bytes = attrs.field(init=False, repr=False)
@@ -155,6 +187,7 @@ class ProxyConfig:
     fapi_port: int = attrs.field(init=False, repr=False)
     fapi_host_header: bytes = attrs.field(init=False, repr=False)
     fapi_base_path: bytes = attrs.field(init=False, repr=False)
+    app: Origin | None = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         proxy = _split_url(
@@ -181,3 +214,7 @@ class ProxyConfig:
         setattr_(self, "fapi_port", port)
         setattr_(self, "fapi_host_header", hostHeader.encode("ascii"))
         setattr_(self, "fapi_base_path", fapi.path.rstrip("/").encode("ascii"))
+        app = None
+        if self.app_url is not None:
+            app = Origin.parse(self.app_url, "the application URL (--app)")
+        setattr_(self, "app", app)

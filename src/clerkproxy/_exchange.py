@@ -17,20 +17,30 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from ._client import UpstreamProtocolError
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
     from ._client import UpstreamConnection
-    from ._proxy import FrontendAPIProxy
+    from ._proxy import _Proxying
 
 __all__ = ["Exchange", "FileSource"]
 
@@ -93,7 +103,7 @@ class Exchange:
 
     def __init__(
         self,
-        proxy: FrontendAPIProxy,
+        proxy: _Proxying,
         request: Request,
         target: bytes,
         length: int | None,
@@ -141,16 +151,19 @@ class Exchange:
             framing = b""
         headers = request.requestHeaders
         peer: Any = request.getClientAddress()
+        client = proxy.clientAddress.resolve(
+            getattr(peer, "host", None), headers.getRawHeaders(b"X-Forwarded-For")
+        )
+        request.clientAddressText = client  # type: ignore[attr-defined]
         self._head = upstream_head(
             method,
             target,
             headers,
-            proxy.config.fapi_host_header,
-            proxy.injected,
-            proxy.clientAddress.resolve(
-                getattr(peer, "host", None), headers.getRawHeaders(b"X-Forwarded-For")
-            ),
+            proxy.hostHeader,
+            proxy.injectedFor(request, client),
+            client,
             framing,
+            proxy.dropHeaders,
         )
         watch = getattr(request, "watchConnection", None)
         if watch is not None:
@@ -158,6 +171,7 @@ class Exchange:
         else:
             request.notifyFinish().addErrback(self.clientLost)
         proxy.deadlines.add(self)
+        self._started = proxy.clock.seconds()
         self._connect()
 
     def _connect(self) -> None:
@@ -199,15 +213,23 @@ class Exchange:
         why = self._failure
         if why is None:
             why = "proxy_request_failed"
-            _log.warn("FAPI request failed: {error}", error=_describe(reason))
+            self._proxy.metrics.upstreamError(_kind(reason))
+            _log.warn(
+                "{upstream} request failed: {error}",
+                upstream=self._proxy.name,
+                error=_describe(reason),
+            )
+        elif why == "proxy_upstream_timeout":
+            self._proxy.metrics.upstreamError("timeout")
         respond_error(self._request, _STATUS.get(why, 502), why)
 
     def expired(self) -> None:
         """The upstream deadline passed with no answer from FAPI."""
         self._failure = "proxy_upstream_timeout"
         _log.warn(
-            "FAPI did not answer within {timeout}s",
-            timeout=self._proxy.config.upstream_timeout,
+            "{upstream} did not answer within {timeout}s",
+            upstream=self._proxy.name,
+            timeout=self._proxy.upstreamTimeout,
         )
         self._stopUpstream()
 
@@ -264,11 +286,17 @@ class Exchange:
         length: int | None,
         connection: dict[bytes, list[bytes]],
     ) -> None:
-        self._proxy.deadlines.remove(self)
+        proxy = self._proxy
+        proxy.deadlines.remove(self)
         self._responding = True
         if self._clientGone:
             return
-        request = self._request
+        request: Any = self._request
+        seconds = proxy.clock.seconds() - self._started
+        proxy.metrics.upstream.observe(seconds)
+        request.upstreamSeconds = seconds
+        conn = self._conn
+        request.upstreamReused = conn is not None and conn.reused
         request.setResponseCode(code, phrase or None)
         if length is not None and code not in _NO_BODY and request.method != b"HEAD":
             headers[b"Content-Length"] = [b"%d" % length]
@@ -300,7 +328,12 @@ class Exchange:
             return
         if self._responding:
             # FAPI failed mid-body: a truncated body must look truncated.
-            _log.warn("FAPI response broke off: {error}", error=_describe(reason))
+            self._proxy.metrics.upstreamError(_kind(reason))
+            _log.warn(
+                "{upstream} response broke off: {error}",
+                upstream=self._proxy.name,
+                error=_describe(reason),
+            )
             self._request.unregisterProducer()
             self._abortClient()
             return
@@ -330,7 +363,7 @@ class Exchange:
         if self._failure is not None or self._clientGone:
             return
         self._received += len(data)
-        if self._received > self._proxy.config.max_body_size:
+        if self._received > self._proxy.maxBodySize:
             self._tooLarge()
             return
         conn = self._conn
@@ -356,7 +389,7 @@ class Exchange:
         self._failure = "proxy_request_too_large"
         _log.info(
             "Request body over --max-body-size ({limit} bytes)",
-            limit=self._proxy.config.max_body_size,
+            limit=self._proxy.maxBodySize,
         )
         self._held = []
         if self._responding:
@@ -391,6 +424,21 @@ class Exchange:
 
 class ProxyGaveUpError(Exception):
     """The proxy itself gave up on the upstream connection."""
+
+
+def _kind(reason: Failure) -> str:
+    """The C{kind} label of C{clerkproxy_upstream_errors_total}."""
+    if reason.check(DNSLookupError):
+        return "dns"
+    if reason.check(ConnectError, ConnectionRefusedError, ConnectingCancelledError):
+        return "connect"
+    if reason.check(SSL.Error):
+        return "tls"
+    if reason.check(UpstreamProtocolError):
+        return "protocol"
+    if reason.check(ConnectionLost, ConnectionDone, ConnectionAborted):
+        return "reset"
+    return "other"
 
 
 def _describe(reason: Failure) -> str:

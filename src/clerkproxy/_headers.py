@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 __all__ = [
+    "APP_DROP",
+    "FAPI_DROP",
     "HOP_BY_HOP",
     "INJECTED",
     "connection_listed",
@@ -43,7 +45,10 @@ INJECTED = frozenset(
 
 # Framing is written by the proxy for the body it actually sends, and
 # Expect was already answered to the client.
-_DROP_UPSTREAM = HOP_BY_HOP | INJECTED | {b"Content-Length", b"Expect"}
+FAPI_DROP = HOP_BY_HOP | INJECTED | {b"Content-Length", b"Expect"}
+#: The application gets no Clerk header at all, and the proxy's own
+#: forwarding headers.
+APP_DROP = FAPI_DROP | {b"X-Forwarded-Proto", b"X-Forwarded-Host"}
 
 
 def connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -75,6 +80,7 @@ def upstream_head(
     injected: bytes,
     forwarded_for: bytes,
     framing: bytes,
+    drop: frozenset[bytes] = FAPI_DROP,
 ) -> bytes:
     """
     The request head for FAPI, ready for the wire: C{Host}, then every
@@ -85,7 +91,6 @@ def upstream_head(
     The client's values were validated by Twisted's server parser (no CR,
     LF or NUL), so they are copied as they are.
     """
-    drop = _DROP_UPSTREAM
     listed = incoming.getRawHeaders(b"Connection")
     if listed:
         drop = drop | connection_listed(listed)

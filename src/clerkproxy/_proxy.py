@@ -1,4 +1,7 @@
-"""The Frontend API proxy as a C{twisted.web} resource."""
+"""
+The proxying resources: FAPI under the prefix, and (at the edge, with
+C{--app}) the application's origin for everything else.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +18,95 @@ from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._exchange import Exchange, FileSource
 from ._forwarded import ClientAddress
-from ._headers import injected_block
+from ._headers import APP_DROP, FAPI_DROP, injected_block
+from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
-__all__ = ["FrontendAPIProxy"]
+__all__ = ["AppProxy", "EdgeRouter", "FrontendAPIProxy"]
 
 
 @implementer(IStreamingResource)
-class FrontendAPIProxy(Resource):
+class _Proxying(Resource):
+    """
+    What every proxying resource shares: rendering buffered or streaming
+    requests through an L{Exchange}, and the settings an exchange reads.
+
+    @ivar upstream: The connection pool to the upstream.
+    @ivar metrics: Where requests and upstream failures are counted.
+    """
+
+    isLeaf = True
+    name = "upstream"
+    hostHeader = b""
+    dropHeaders: frozenset[bytes] = frozenset()
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: UpstreamPool,
+        clientAddress: ClientAddress,
+        maxBodySize: int,
+        upstreamTimeout: float,
+        metrics: Metrics | None,
+    ) -> None:
+        Resource.__init__(self)
+        self.clock: IReactorTime = reactor
+        self.upstream = upstream
+        self.clientAddress = clientAddress
+        self.maxBodySize = maxBodySize
+        self.upstreamTimeout = upstreamTimeout
+        self.deadlines = Deadlines(reactor, upstreamTimeout)
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    def target(self, uri: bytes) -> bytes | None:
+        """Where C{uri} goes upstream, or L{None} if it is not ours."""
+        raise NotImplementedError
+
+    def injectedFor(self, request: Request, client: bytes) -> bytes:
+        """Header lines the proxy adds to this request upstream."""
+        raise NotImplementedError
+
+    def render(self, request: Request) -> object:
+        """Serve a request whose body (if any) is already buffered."""
+        target = self.target(request.uri)
+        if target is None:
+            respond_error(request, 404, "not_found")
+            return NOT_DONE_YET
+        content: Any = request.content
+        length = 0
+        if content is not None:
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0)
+        if length > self.maxBodySize:
+            respond_error(request, 413, "proxy_request_too_large")
+            return NOT_DONE_YET
+        exchange = Exchange(self, request, target, length, None, False)
+        if length:
+            exchange._source = FileSource(content, exchange)
+        exchange.start()
+        return NOT_DONE_YET
+
+    def renderStreaming(  # type: ignore[override]
+        self, request: Request, length: int | None
+    ) -> IRequestBodyReceiver | None:
+        """Serve a request as soon as its head is in."""
+        target = self.target(request.uri)
+        if target is None:
+            respond_error(request, 404, "not_found")
+            return None
+        if length is not None and length > self.maxBodySize:
+            respond_error(request, 413, "proxy_request_too_large")
+            return None
+        transport: Any = request.transport
+        exchange = Exchange(self, request, target, length, transport, True)
+        exchange.start()
+        return exchange
+
+
+class FrontendAPIProxy(_Proxying):
     """
     Forwards requests under the configured prefix to Clerk's Frontend API.
 
@@ -32,11 +114,10 @@ class FrontendAPIProxy(Resource):
     URL names; either way it matches the raw request target against the
     prefix from L{ProxyConfig.proxy_url}.  Under L{clerkproxy.build_site}
     request bodies stream; under a plain C{Site} Twisted buffers them first.
-
-    @ivar upstream: The connection pool to FAPI.
     """
 
-    isLeaf = True
+    name = "FAPI"
+    dropHeaders = FAPI_DROP
 
     def __init__(
         self,
@@ -44,17 +125,15 @@ class FrontendAPIProxy(Resource):
         reactor: Any,
         trustRoot: IOpenSSLTrustRoot | None = None,
         upstream: UpstreamPool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """
         @param reactor: Provides C{IReactorTCP} and C{IReactorTime}.
         @param trustRoot: Roots for FAPI's certificate; the platform's by
             default.
         @param upstream: A pool to use instead of building one.
+        @param metrics: Where to count; a new L{Metrics} by default.
         """
-        Resource.__init__(self)
-        self.config = config
-        self.clock: IReactorTime = reactor
-        self.clientAddress = ClientAddress(config.trusted_proxies)
         if upstream is None:
             tcp: IReactorTCP = reactor
             upstream = UpstreamPool(
@@ -69,48 +148,101 @@ class FrontendAPIProxy(Resource):
                 maxConnections=config.pool_size,
                 idleTimeout=config.pool_idle_timeout,
             )
-        self.upstream = upstream
-        self.deadlines = Deadlines(reactor, config.upstream_timeout)
-        self.injected = injected_block(
+        _Proxying.__init__(
+            self,
+            reactor,
+            upstream,
+            ClientAddress(config.trusted_proxies),
+            config.max_body_size,
+            config.upstream_timeout,
+            metrics,
+        )
+        self.config = config
+        self.hostHeader = config.fapi_host_header
+        self._injected = injected_block(
             config.proxy_url_header, config.secret_key.headerValue()
         )
 
-    def _target(self, request: Request) -> bytes | None:
+    def target(self, uri: bytes) -> bytes | None:
         config = self.config
-        return upstream_target(config.prefix, config.fapi_base_path, request.uri)
+        return upstream_target(config.prefix, config.fapi_base_path, uri)
+
+    def injectedFor(self, request: Request, client: bytes) -> bytes:
+        return self._injected
+
+
+class AppProxy(_Proxying):
+    """
+    Forwards everything it is given to the application's origin, with
+    C{X-Forwarded-For}, C{-Proto} and C{-Host} set by the proxy and none of
+    Clerk's headers: a client's C{Clerk-Secret-Key} is dropped like any
+    header the proxy owns.
+    """
+
+    name = "app"
+    dropHeaders = APP_DROP
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: UpstreamPool,
+        hostHeader: bytes,
+        basePath: bytes,
+        clientAddress: ClientAddress,
+        maxBodySize: int,
+        upstreamTimeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        _Proxying.__init__(
+            self,
+            reactor,
+            upstream,
+            clientAddress,
+            maxBodySize,
+            upstreamTimeout,
+            metrics,
+        )
+        self.hostHeader = hostHeader
+        self._base = basePath
+
+    def target(self, uri: bytes) -> bytes | None:
+        if uri[:1] != b"/":
+            return None
+        return self._base + uri if self._base else uri
+
+    def injectedFor(self, request: Request, client: bytes) -> bytes:
+        proto = b"https" if request.isSecure() else b"http"
+        host = request.requestHeaders.getRawHeaders(b"Host")
+        lines = b"X-Forwarded-Proto: " + proto + b"\r\n"
+        if host:
+            lines += b"X-Forwarded-Host: " + host[0] + b"\r\n"
+        return lines
+
+
+@implementer(IStreamingResource)
+class EdgeRouter(Resource):
+    """
+    The edge box's root: the proxy prefix goes to FAPI, everything else to
+    the application (or a 404 when there is none).
+    """
+
+    isLeaf = True
+
+    def __init__(self, fapi: FrontendAPIProxy, app: AppProxy | None) -> None:
+        Resource.__init__(self)
+        self.fapi = fapi
+        self.app = app
+        self.metrics = fapi.metrics
+
+    def _route(self, request: Request) -> _Proxying:
+        if self.app is None or self.fapi.target(request.uri) is not None:
+            return self.fapi
+        return self.app
 
     def render(self, request: Request) -> object:
-        """Serve a request whose body (if any) is already buffered."""
-        target = self._target(request)
-        if target is None:
-            respond_error(request, 404, "not_found")
-            return NOT_DONE_YET
-        content: Any = request.content
-        length = 0
-        if content is not None:
-            content.seek(0, 2)
-            length = content.tell()
-            content.seek(0)
-        if length > self.config.max_body_size:
-            respond_error(request, 413, "proxy_request_too_large")
-            return NOT_DONE_YET
-        exchange = Exchange(self, request, target, length, None, False)
-        if length:
-            exchange._source = FileSource(content, exchange)
-        exchange.start()
-        return NOT_DONE_YET
+        return self._route(request).render(request)
 
     def renderStreaming(  # type: ignore[override]
         self, request: Request, length: int | None
     ) -> IRequestBodyReceiver | None:
-        """Serve a request as soon as its headers are in."""
-        target = self._target(request)
-        if target is None:
-            respond_error(request, 404, "not_found")
-            return None
-        if length is not None and length > self.config.max_body_size:
-            respond_error(request, 413, "proxy_request_too_large")
-            return None
-        exchange = Exchange(self, request, target, length, request.transport, True)  # type: ignore[arg-type]
-        exchange.start()
-        return exchange
+        return self._route(request).renderStreaming(request, length)

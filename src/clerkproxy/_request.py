@@ -19,12 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.server import unquote  # type: ignore[attr-defined]
 
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
-__all__ = ["StreamingChannel", "StreamingRequest"]
+__all__ = ["StreamingRequest"]
 
 
 class StreamingRequest(server.Request):
@@ -38,6 +38,12 @@ class StreamingRequest(server.Request):
     _streaming = False
     _onLost: Callable[[], object] | None = None
     bodyComplete = False
+    # Filled in along the way, for metrics and the access log.
+    startedAt = 0.0
+    inFlight = False
+    clientAddressText: bytes | None = None
+    upstreamSeconds: float | None = None
+    upstreamReused: bool | None = None
 
     def watchConnection(self, onLost: Callable[[], object]) -> None:
         """
@@ -47,12 +53,15 @@ class StreamingRequest(server.Request):
         self._onLost = onLost
 
     def gotLength(self, length: int | None) -> None:
+        channel: Any = self.channel
+        started = getattr(channel.site, "requestStarted", None)
+        if started is not None:
+            started(self)
         if length == 0:
             # Nothing to stream: the ordinary path answers bodiless requests
             # with no extra work.
             server.Request.gotLength(self, length)
             return
-        channel: Any = self.channel
         target: bytes = channel._path
         if target[:1] != b"/":
             server.Request.gotLength(self, length)
@@ -90,25 +99,25 @@ class StreamingRequest(server.Request):
             self._receiver.bodyDone()
 
     def write(self, data: bytes) -> None:
-        if (
-            not self.startedWriting
-            and self._streaming
-            and not self.bodyComplete
-            and self.channel is not None
-        ):
-            # Answering before the body is in (an early upstream answer, an
-            # error): the rest of the body cannot be told apart from a next
-            # request, so this connection ends with this response.
-            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            self.channel.persistent = False
+        channel = self.channel
+        if not self.startedWriting and channel is not None:
+            if self._streaming and not self.bodyComplete:
+                # Answering before the body is in (an early upstream
+                # answer, an error): the rest of the body cannot be told
+                # apart from a next request, so the connection ends here.
+                channel.persistent = False
+            if not channel.persistent:
+                # Said even when a resource replaced the response headers.
+                self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         server.Request.write(self, data)
 
     def finish(self) -> None:
         channel = self.channel
         if self._streaming and not self.bodyComplete and channel is not None:
             channel.persistent = False
-            if isinstance(channel, StreamingChannel):
-                channel.discardInput()
+            discard = getattr(channel, "discardInput", None)
+            if discard is not None:
+                discard()
         # The watcher usually refers back to this request: break the cycle
         # so that reference counting, not the cyclic collector, frees both.
         self._onLost = self._receiver = None
@@ -116,66 +125,12 @@ class StreamingRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._receiver = None
+        channel: Any = self.channel
+        site = channel.site if channel is not None else None
         server.Request.connectionLost(self, reason)
+        aborted = getattr(site, "requestAborted", None)
+        if aborted is not None and not self.finished:
+            aborted(self)
         onLost, self._onLost = self._onLost, None
         if onLost is not None:
             onLost()
-
-
-class StreamingChannel(http.HTTPChannel):
-    """
-    C{HTTPChannel} with stricter framing, and a way to stop reading a
-    request whose answer was sent before its body ended.
-
-    Twisted already rejects with 400: differing, repeated or signed
-    C{Content-Length}, C{Content-Length} with C{Transfer-Encoding},
-    whitespace before a colon, and NUL, CR or LF in a header value.  This
-    adds: any transfer coding but C{chunked} (C{identity} included), and
-    C{Transfer-Encoding} on an HTTP/1.0 request.  It also honours
-    C{Connection: close} wherever it appears among the tokens.
-    """
-
-    _discarding = False
-
-    def discardInput(self) -> None:
-        """Ignore everything the client sends from now on."""
-        self._discarding = True
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._discarding:
-            http.HTTPChannel.dataReceived(self, data)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._discarding:
-            http.HTTPChannel.rawDataReceived(self, data)
-
-    def allContentReceived(self) -> None:
-        if not self._discarding:
-            http.HTTPChannel.allContentReceived(self)
-
-    def _send100Continue(self) -> None:
-        if not self._discarding:
-            http.HTTPChannel._send100Continue(self)
-
-    def checkPersistence(self, request: Any, version: bytes) -> bool:
-        """
-        Twisted reads only the first C{Connection} header and splits it on
-        spaces, so C{Connection: keep-alive, close} or a second header
-        saying C{close} go unnoticed; read every value, split on commas.
-        """
-        tokens: set[bytes] = set()
-        for value in request.requestHeaders.getRawHeaders(b"Connection", ()):
-            tokens.update(t.strip().lower() for t in value.split(b","))
-        if version == b"HTTP/1.1" and b"close" not in tokens:
-            return True
-        if version == b"HTTP/1.1":
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-        return False
-
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        if header == b"Transfer-Encoding" and (
-            data.lower() != b"chunked" or self._version != b"HTTP/1.1"
-        ):
-            return self._failChooseTransferDecoder()
-        ok: bool = http.HTTPChannel._maybeChooseTransferDecoder(self, header, data)
-        return ok

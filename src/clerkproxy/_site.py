@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from ._request import StreamingChannel, StreamingRequest
+from ._accesslog import AccessLog
+from ._channel import StreamingChannel
+from ._deadlines import Deadlines
+from ._forwarded import ClientAddress
+from ._metrics import Metrics
+from ._request import StreamingRequest
+
+if TYPE_CHECKING:
+    from ._channel import StreamingChannel as _Channel
 
 __all__ = ["StreamingSite", "build_site"]
 
@@ -25,28 +35,115 @@ class StreamingSite(Site):
 
     It writes no combined-format access log: Twisted's would record every
     full URL, and Clerk's URLs carry session tokens.
+
+    @ivar channels: The open client connections, for draining.
+    @ivar draining: Set while the process shuts down: every response then
+        closes its connection.
     """
 
     protocol = _streamingProtocol
     requestFactory = StreamingRequest
+    draining = False
+
+    def configure(
+        self,
+        clock: IReactorTime,
+        headerTimeout: float,
+        idleTimeout: float,
+        metrics: Metrics | None = None,
+        accessLog: AccessLog | None = None,
+        clientAddress: ClientAddress | None = None,
+    ) -> None:
+        self.channels: set[_Channel] = set()
+        self.headerDeadlines = Deadlines(clock, headerTimeout)
+        self.idleDeadlines = Deadlines(clock, idleTimeout)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.clientConnections = self.channels.__len__
+        self.accessLog = accessLog
+        self._clock = clock
+        self._clientAddress = clientAddress or ClientAddress(())
+
+    def requestStarted(self, request: StreamingRequest) -> None:
+        """The request's head is in: it is now in flight."""
+        request.startedAt = self._clock.seconds()
+        request.inFlight = True
+        self.metrics.inFlight += 1
 
     def log(self, request: http.Request) -> None:
-        pass
+        """Twisted calls this as each response finishes."""
+        self._ended(request, request.code)
+
+    def requestAborted(self, request: StreamingRequest) -> None:
+        """The connection ended before the response did."""
+        self._ended(request, 499)
+
+    def _ended(self, request: Any, status: int) -> None:
+        if not getattr(request, "inFlight", False):
+            return
+        request.inFlight = False
+        seconds = self._clock.seconds() - request.startedAt
+        metrics = self.metrics
+        metrics.inFlight -= 1
+        if status != 499:
+            metrics.finished(request.method, status, seconds)
+        accessLog = self.accessLog
+        if accessLog is not None:
+            client = request.clientAddressText
+            if client is None:
+                peer = request.getClientAddress()
+                client = self._clientAddress.resolve(
+                    getattr(peer, "host", None),
+                    request.requestHeaders.getRawHeaders(b"X-Forwarded-For"),
+                )
+            accessLog.write(
+                when=self._clock.seconds(),
+                client=client.decode("ascii", "replace"),
+                method=request.method,
+                target=request.uri,
+                status=status,
+                sent=request.sentLength,
+                totalSeconds=seconds,
+                upstreamSeconds=request.upstreamSeconds,
+                reused=request.upstreamReused,
+            )
 
     def acceptableProtocols(self) -> list[bytes]:
         # The streaming request relies on HTTP/1.1 channel semantics.
         return [b"http/1.1"]
 
+    def drain(self) -> None:
+        """Close idle connections now and the rest after their response."""
+        self.draining = True
+        for channel in list(self.channels):
+            channel.drain()
+
 
 def build_site(
-    resource: IResource, reactor: IReactorTime, timeout: float = 60.0
+    resource: IResource,
+    reactor: IReactorTime,
+    header_timeout: float = 10.0,
+    idle_timeout: float = 60.0,
+    metrics: Metrics | None = None,
+    access_log: AccessLog | None = None,
+    client_address: ClientAddress | None = None,
 ) -> StreamingSite:
     """
     A L{StreamingSite} serving C{resource}.
 
-    @param timeout: Seconds an idle client connection is kept open.
+    @param header_timeout: Seconds a request head may take to arrive in full.
+    @param idle_timeout: Seconds a keep-alive connection may wait for its
+        next request.
+    @param metrics: Where to count requests; by default the resource's own
+        (a L{FrontendAPIProxy} has one), else a new one.
+    @param access_log: Where to log each request, if anywhere.
+    @param client_address: How to find the client's address for the log.
     """
     site: StreamingSite = StreamingSite(  # type: ignore[no-untyped-call]
-        resource, parsePOSTFormSubmission=False, timeout=timeout, reactor=reactor
+        resource, parsePOSTFormSubmission=False, timeout=None, reactor=reactor
+    )
+    if metrics is None:
+        metrics = getattr(resource, "metrics", None)
+    site.configure(
+        reactor, header_timeout, idle_timeout, metrics, access_log, client_address
     )
     return site

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -20,10 +21,11 @@ from twisted.internet.ssl import (
     TLSVersion,
     trustRootFromCertificates,
 )
+from zope.interface import implementer
 
 from ._config import ConfigError
 
-__all__ = ["load_trust_root", "server_tls_options"]
+__all__ = ["ReloadableServerTLS", "load_trust_root", "server_tls_options"]
 
 #: Forward-secret AEAD suites only; TLS 1.3's own suites are always on.
 MODERN_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
@@ -96,3 +98,30 @@ def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
             f"--tls-cert {certPath}"
         ) from None
     return options
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableServerTLS:
+    """
+    The serving certificate, swappable while the process runs.
+
+    Twisted asks a context factory for a context on every new connection,
+    so after L{reload} new handshakes use the new certificate while the
+    connections already open keep theirs.
+    """
+
+    def __init__(self, certPath: str, keyPath: str) -> None:
+        self._certPath = certPath
+        self._keyPath = keyPath
+        self._options = server_tls_options(certPath, keyPath)
+
+    def getContext(self) -> SSL.Context:
+        context: SSL.Context = self._options.getContext()
+        return context
+
+    def reload(self) -> None:
+        """
+        Read the files again.  On any problem raise L{ConfigError} and keep
+        serving the certificate already loaded.
+        """
+        self._options = server_tls_options(self._certPath, self._keyPath)

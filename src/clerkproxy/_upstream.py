@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from ._client import UpstreamConnection
 
-__all__ = ["UpstreamPool", "fapi_endpoint"]
+__all__ = ["UpstreamPool", "app_endpoint", "fapi_endpoint"]
 
 #: Seconds idle connections get to close politely when the pool closes.
 _CLOSE_GRACE = 3.0
@@ -69,6 +69,18 @@ def fapi_endpoint(
         host, trustRoot=trustRoot, acceptableProtocols=[b"http/1.1"]
     )
     tcp = HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
+    return wrapClientTLS(options, tcp)
+
+
+def app_endpoint(
+    reactor: IReactorTCP, host: str, port: int, tls: bool, connectTimeout: float
+) -> IStreamClientEndpoint:
+    """The application's origin: plain TCP, or TLS verified against the
+    platform's trust store."""
+    tcp = HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
+    if not tls:
+        return tcp
+    options = optionsForClientTLS(host, acceptableProtocols=[b"http/1.1"])
     return wrapClientTLS(options, tcp)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -32,8 +33,8 @@ __all__ = ["ListenSpec", "WorkerSupervisor", "bind", "worker_listen_spec"]
 
 _log = Logger(namespace="clerkproxy.workers")
 
-#: Seconds a worker gets to exit after SIGTERM before it is killed.
-STOP_GRACE = 30.0
+#: Seconds past the drain timeout a worker gets before it is killed.
+STOP_GRACE = 10.0
 _RESTART_MIN = 0.5
 _RESTART_MAX = 30.0
 
@@ -119,8 +120,10 @@ class WorkerSupervisor(Service):
         count: int,
         sockets: Sequence[tuple[socket.socket, ListenSpec]],
         argv: Sequence[str],
+        drainTimeout: float = 30.0,
     ) -> None:
         self._reactor = reactor
+        self._drainTimeout = drainTimeout
         self._count = count
         self._sockets = list(sockets)
         self._argv = list(argv)
@@ -137,6 +140,29 @@ class WorkerSupervisor(Service):
         Service.startService(self)
         for index in range(self._count):
             self._spawn(index)
+        self._reactor.callWhenRunning(self._takeSignals)
+
+    def _takeSignals(self) -> None:
+        # SIGTERM: stop (which forwards SIGTERM and waits for the workers'
+        # drains) and exit 0, not by the signal.  SIGHUP: workers reload.
+        signal.signal(signal.SIGTERM, self._onSignal)
+        signal.signal(signal.SIGHUP, self._onSignal)
+
+    def _onSignal(self, number: int, frame: object) -> None:
+        if number == signal.SIGTERM:
+            self._reactor.callFromThread(self._terminate)
+        else:
+            self._reactor.callFromThread(self._forward, "HUP")
+
+    def _terminate(self) -> None:
+        if self._stopping:
+            self._forward("TERM")  # a second SIGTERM cuts the workers' drain
+        else:
+            self._reactor.stop()
+
+    def _forward(self, name: str) -> None:
+        for transport in self._transports.values():
+            _signal(transport, name)
 
     def _spawn(self, index: int) -> None:
         worker = _Worker(self, index)
@@ -149,7 +175,16 @@ class WorkerSupervisor(Service):
             if spec.haproxy:
                 kind = "haproxy-" + kind
             fdArgs += ["--inherited", f"{fd}:{sock.family.value}:{kind}"]
-        argv = [sys.executable, "-m", "clerkproxy._worker", *fdArgs, "--", *self._argv]
+        argv = [
+            sys.executable,
+            "-m",
+            "clerkproxy._worker",
+            "--index",
+            str(index),
+            *fdArgs,
+            "--",
+            *self._argv,
+        ]
         self._workers[index] = worker
         self._transports[index] = self._reactor.spawnProcess(
             worker, sys.executable, argv, env=os.environ.copy(), childFDs=childFDs
@@ -183,7 +218,7 @@ class WorkerSupervisor(Service):
         ended = [worker.ended for worker in self._workers.values()]
         for transport in self._transports.values():
             _signal(transport, "TERM")
-        killer = self._reactor.callLater(STOP_GRACE, self._killAll)
+        killer = self._reactor.callLater(self._drainTimeout + STOP_GRACE, self._killAll)
 
         def done(result: object) -> object:
             if killer.active():

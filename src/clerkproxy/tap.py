@@ -14,19 +14,25 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.application.service import IService
+from twisted.internet.endpoints import SSL4ServerEndpoint, _parse, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from zope.interface import implementer
 
+from ._accesslog import AccessLog
+from ._admin import admin_site
 from ._config import DEFAULT_FAPI, ConfigError, MiB, ProxyConfig
-from ._proxy import FrontendAPIProxy
+from ._metrics import Metrics
+from ._proxy import AppProxy, EdgeRouter, FrontendAPIProxy
+from ._service import ProxyService
 from ._site import build_site
-from ._tls import load_trust_root, server_tls_options
-from ._upstream import UpstreamPool
+from ._tls import ReloadableServerTLS, load_trust_root
+from ._upstream import UpstreamPool, app_endpoint
 from ._workers import WorkerSupervisor, bind, worker_listen_spec
 
 __all__ = ["Options", "makeService"]
@@ -39,10 +45,13 @@ def _number(options: usage.Options, name: str, kind: type[float] | type[int]) ->
     if isinstance(value, kind):
         return value
     try:
-        return kind(value)
+        number = kind(value)
     except (TypeError, ValueError):
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"--{name} must be {what}, got {value!r}") from None
+        number = -1
+    if number < 0 or (kind is float and number == 0):
+        what = "a whole number" if kind is int else "a positive number"
+        raise ConfigError(f"--{name} must be {what}, got {value!r}")
+    return number
 
 
 class Options(usage.Options):
@@ -59,8 +68,7 @@ class Options(usage.Options):
             "proxy-url",
             None,
             None,
-            "Public proxy URL as registered with Clerk "
-            "[env: CLERK_PROXY_URL] (required).",
+            "Public proxy URL as registered with Clerk [env: CLERK_PROXY_URL].",
         ],
         [
             "fapi",
@@ -72,8 +80,7 @@ class Options(usage.Options):
             "fapi-ca",
             None,
             None,
-            "PEM file of CA certificates to trust for FAPI "
-            "instead of the system store.",
+            "PEM file of CA certificates to trust for FAPI (not the system's).",
         ],
         [
             "secret-key-file",
@@ -86,6 +93,27 @@ class Options(usage.Options):
         ["max-body-size", None, 16 * MiB, "Largest request body relayed, in bytes."],
         ["connect-timeout", None, 10.0, "Seconds to connect to FAPI."],
         ["upstream-timeout", None, 30.0, "Seconds for FAPI to start answering."],
+        ["header-timeout", None, 10.0, "Seconds a request head may take to arrive."],
+        ["idle-timeout", None, 60.0, "Seconds an idle keep-alive connection is kept."],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "Seconds in-flight requests get to finish on SIGTERM.",
+        ],
+        [
+            "admin-port",
+            None,
+            None,
+            "Endpoint for /metrics, /healthz and /readyz, e.g. tcp:9901.",
+        ],
+        ["access-log", None, None, "JSON access log file, or - for standard output."],
+        [
+            "app",
+            None,
+            None,
+            "The application's origin URL, for every path outside the proxy prefix.",
+        ],
         [
             "workers",
             None,
@@ -140,7 +168,7 @@ class Options(usage.Options):
         certPath, keyPath = self["tls-cert"], self["tls-key"]
         if bool(certPath) != bool(keyPath):
             raise ConfigError("--tls-cert and --tls-key must be given together")
-        self.tlsOptions = server_tls_options(certPath, keyPath) if certPath else None
+        self.tls = ReloadableServerTLS(certPath, keyPath) if certPath else None
         self.trustRoot = load_trust_root(self["fapi-ca"]) if self["fapi-ca"] else None
         self.config = ProxyConfig(
             proxy_url=proxyURL,
@@ -150,26 +178,43 @@ class Options(usage.Options):
             max_body_size=_number(self, "max-body-size", int),
             connect_timeout=_number(self, "connect-timeout", float),
             upstream_timeout=_number(self, "upstream-timeout", float),
+            app_url=self["app"],
         )
+        self.headerTimeout = _number(self, "header-timeout", float)
+        self.idleTimeout = _number(self, "idle-timeout", float)
+        self.drainTimeout = _number(self, "drain-timeout", float)
+        accessLog = self["access-log"]
+        if accessLog and accessLog != "-":
+            try:
+                open(accessLog, "a").close()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write --access-log {accessLog}: {e.strerror}"
+                ) from None
         self.ports = self["port"] or ["tcp:8080"]
         self.workers = _workers_count(self["workers"])
         if self.workers > 1:
-            tls = self.tlsOptions is not None
+            tls = self.tls is not None
             self.listenSpecs = [
                 worker_listen_spec(description, tls and description.isdigit())
                 for description in self.ports
             ]
         for description in self.ports:
             self._endpoint(MemoryReactor(), description)  # syntax check only
+        if self["admin-port"]:
+            self.adminEndpoint(MemoryReactor(), 0)
 
-    def _endpoint(self, reactor: Any, description: str) -> Any:
+    def _endpoint(self, reactor: Any, description: str) -> IStreamServerEndpoint:
         if description.isdigit():
             port = int(description)
-            if self.tlsOptions is not None:
-                return SSL4ServerEndpoint(reactor, port, self.tlsOptions)
+            if self.tls is not None:
+                endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
+                    reactor, port, self.tls
+                )
+                return endpoint
             description = f"tcp:{port}"
         try:
-            return serverFromString(reactor, description)
+            parsed: IStreamServerEndpoint = serverFromString(reactor, description)
         except Exception as e:  # parsers raise anything from KeyError to IndexError
             hint = ""
             if description.startswith("systemd:"):
@@ -178,17 +223,34 @@ class Options(usage.Options):
                 f"--port {description!r} is not a usable endpoint description "
                 f"({type(e).__name__}: {e}{hint})"
             ) from None
+        return parsed
 
-
-class _PoolCloser(Service):
-    """Closes FAPI connections when the process stops."""
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
-
-    def stopService(self) -> Deferred[Any]:
-        Service.stopService(self)
-        return self._pool.close()
+    def adminEndpoint(self, reactor: Any, index: int) -> IStreamServerEndpoint:
+        """
+        The admin endpoint; worker C{index} of C{--workers} listens C{index}
+        ports above the one given.
+        """
+        description = self["admin-port"]
+        if index or self.workers > 1:
+            args, kwargs = _parse(description)
+            if not args or args[0] != "tcp" or len(args) != 2 or not args[1].isdigit():
+                raise ConfigError(
+                    "with --workers, --admin-port must be tcp:PORT[:interface=...] "
+                    "(worker N serves it on PORT+N)"
+                )
+            port = int(args[1]) + index
+            extra = "".join(
+                ":{}={}".format(k, v.replace(":", "\\:")) for k, v in kwargs.items()
+            )
+            description = f"tcp:{port}{extra}"
+        try:
+            endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        except Exception as e:
+            raise ConfigError(
+                f"--admin-port {description!r} is not a usable endpoint "
+                f"description ({type(e).__name__}: {e})"
+            ) from None
+        return endpoint
 
 
 def _workers_count(value: str) -> int:
@@ -205,6 +267,77 @@ def _workers_count(value: str) -> int:
     return count
 
 
+def build_service(
+    options: Options,
+    reactor: Any,
+    endpoints: Sequence[IStreamServerEndpoint],
+    index: int = 0,
+    installSignals: bool = True,
+) -> ProxyService:
+    """One serving process: proxy, site, admin listener, drain and reload."""
+    config = options.config
+    metrics = Metrics()
+    fapi = FrontendAPIProxy(
+        config, reactor, trustRoot=options.trustRoot, metrics=metrics
+    )
+    pools = [fapi.upstream]
+    app = None
+    if config.app is not None:
+        origin = config.app
+        appPool = UpstreamPool(
+            reactor,
+            app_endpoint(
+                reactor, origin.host, origin.port, origin.tls, config.connect_timeout
+            ),
+            maxConnections=config.pool_size,
+            idleTimeout=config.pool_idle_timeout,
+        )
+        app = AppProxy(
+            reactor,
+            appPool,
+            origin.host_header,
+            origin.base_path,
+            fapi.clientAddress,
+            config.max_body_size,
+            config.upstream_timeout,
+            metrics,
+        )
+        pools.append(appPool)
+    metrics.upstreamOpened = lambda: sum(pool.connectionsOpened for pool in pools)
+    accessLog = AccessLog.open(options["access-log"]) if options["access-log"] else None
+    root = EdgeRouter(fapi, app) if app is not None else fapi
+    site = build_site(
+        root,
+        reactor,
+        header_timeout=options.headerTimeout,
+        idle_timeout=options.idleTimeout,
+        metrics=metrics,
+        access_log=accessLog,
+        client_address=fapi.clientAddress,
+    )
+    admin = None
+    if options["admin-port"]:
+        admin = (
+            options.adminEndpoint(reactor, index),
+            admin_site(metrics, lambda: site.draining, reactor),
+        )
+    service = ProxyService(
+        reactor,
+        site,
+        pools,
+        endpoints,
+        options.drainTimeout,
+        admin=admin,
+        tls=options.tls,
+        accessLog=accessLog,
+        installSignals=installSignals,
+    )
+    # Everything built so far lives as long as the process: keep it out of
+    # the cyclic collector's full passes, which otherwise add tail latency.
+    reactor.callWhenRunning(gc.freeze)
+    return service
+
+
 def makeService(options: Options) -> IService:
     """The listening ports, the proxy behind them, and its FAPI pool."""
     from twisted.internet import reactor
@@ -212,23 +345,44 @@ def makeService(options: Options) -> IService:
     if options.workers > 1:
         return _workersService(options, reactor)
     config = options.config
-    proxy = FrontendAPIProxy(config, reactor, trustRoot=options.trustRoot)
-    site = build_site(proxy, reactor)
-    service = MultiService()
-    for description in options.ports:
-        endpoint = options._endpoint(reactor, description)
-        service.addService(StreamServerEndpointService(endpoint, site))
-    service.addService(_PoolCloser(proxy.upstream))
-    # Everything built so far lives as long as the process: keep it out of
-    # the cyclic collector's full passes, which otherwise add tail latency.
-    reactor.callWhenRunning(gc.freeze)
+    try:
+        endpoints = [options._endpoint(reactor, d) for d in options.ports]
+        service = build_service(options, reactor, endpoints)
+    except ConfigError as e:
+        raise SystemExit(f"clerkproxy: {e}") from None
     _log.info(
-        "clerkproxy: {prefix}/* -> {fapi} on {ports}",
+        "clerkproxy: {prefix}/* -> {fapi}{app} on {ports}",
         prefix=config.prefix.decode("ascii"),
         fapi=config.fapi_url,
+        app=f", everything else -> {config.app_url}" if config.app_url else "",
         ports=", ".join(options.ports),
     )
     return service
+
+
+def adopted(
+    reactor: Any, fd: int, family: int, kind: str, tls: Any
+) -> IStreamServerEndpoint:
+    """An endpoint that serves an inherited listening socket."""
+    return _AdoptedEndpoint(reactor, fd, family, kind, tls)
+
+
+@implementer(IStreamServerEndpoint)
+class _AdoptedEndpoint:
+    def __init__(self, reactor: Any, fd: int, family: int, kind: str, tls: Any) -> None:
+        self._reactor, self._fd, self._family = reactor, fd, family
+        self._kind, self._tls = kind, tls
+
+    def listen(self, factory: Any) -> Any:
+        from twisted.internet.defer import succeed
+
+        if self._kind.endswith("tls"):
+            factory = TLSMemoryBIOFactory(self._tls, False, factory)
+        if self._kind.startswith("haproxy-"):
+            factory = HAProxyWrappingFactory(factory)
+        port = self._reactor.adoptStreamPort(self._fd, self._family, factory)
+        os.close(self._fd)  # adoptStreamPort keeps its own duplicate
+        return succeed(port)
 
 
 def _workersService(options: Options, reactor: Any) -> IService:
@@ -243,4 +397,6 @@ def _workersService(options: Options, reactor: Any) -> IService:
         fapi=options.config.fapi_url,
         ports=", ".join(options.ports),
     )
-    return WorkerSupervisor(reactor, options.workers, sockets, options.argv)
+    return WorkerSupervisor(
+        reactor, options.workers, sockets, options.argv, options.drainTimeout
+    )
