@@ -42,6 +42,7 @@ class Recorder:
         self.firstBodyBytes: Deferred[bytes] | None = None
         self.stalled: list[server.Request] = []
         self.connections = 0
+        self.expected: tuple[str, str] | None = None  # (proxy URL, key) FAPI knows
         self.streams: list[dict[str, Any]] = []
 
 
@@ -70,6 +71,39 @@ class FakeFAPI(Resource):
         }
         self.recorder.seen.append(record)
         path = request.path
+        if path.startswith(b"/slow"):
+
+            def answer() -> None:
+                if not request.finished and request.channel is not None:
+                    request.setHeader(b"Content-Type", b"application/json")
+                    request.write(b'{"slow":true}')
+                    request.finish()
+
+            self.clock.callLater(0.8, answer)
+            return server.NOT_DONE_YET
+        if (
+            path in (b"/v1/environment", b"/v1/proxy-health")
+            and self.recorder.expected is not None
+        ):
+            proxy_url, secret = self.recorder.expected
+            got_url = request.getHeader(b"Clerk-Proxy-Url")
+            got_key = request.getHeader(b"Clerk-Secret-Key")
+            request.setHeader(b"Content-Type", b"application/json")
+            if not got_key:
+                request.setResponseCode(400)
+                return b'{"errors":[{"code":"proxy_request_missing_secret_key"}]}'
+            if got_key.decode() != secret:
+                request.setResponseCode(401)
+                return b'{"errors":[{"code":"proxy_request_invalid_secret_key"}]}'
+            if got_url is None or got_url.decode() != proxy_url:
+                request.setResponseCode(400)
+                return b'{"errors":[{"code":"host_invalid"}]}'
+            if path == b"/v1/proxy-health":
+                xff = (request.getHeader(b"X-Forwarded-For") or b"").decode()
+                return json.dumps(
+                    {"status": "healthy", "x_forwarded_for": xff}
+                ).encode()
+            return b'{"object":"environment"}'
         if path.startswith(b"/stall"):
             self.recorder.stalled.append(request)
             return server.NOT_DONE_YET

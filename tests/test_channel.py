@@ -266,7 +266,9 @@ def test_streaming_site_writes_no_combined_log() -> None:
     protocol = site.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET /x?__session=eyJ.secret.jwt HTTP/1.1\r\nHost: x\r\n\r\n")
+    protocol.dataReceived(
+        b"GET /x?__session=eyJ.secret.jwt HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     assert transport.value().endswith(b"plain")
     assert sink.getvalue() == ""
     assert site.acceptableProtocols() == [b"http/1.1"]

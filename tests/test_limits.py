@@ -6,15 +6,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import connect_raw, parse_response, raw_request, reactor, within
+from test_channel import Recording
 from twisted.internet import task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from clerkproxy import build_site
-from conftest import connect_raw, parse_response, raw_request, reactor, within
-from test_channel import Recording
 
 
-def connect(clock: MemoryReactorClock, header: float = 10.0, idle: float = 60.0) -> tuple[Any, StringTransport, Recording]:
+def connect(
+    clock: MemoryReactorClock, header: float = 10.0, idle: float = 60.0
+) -> tuple[Any, StringTransport, Recording]:
     resource = Recording()
     site = build_site(resource, clock, header_timeout=header, idle_timeout=idle)
     protocol = site.buildProtocol(None)
@@ -69,10 +71,14 @@ def test_a_second_request_gets_its_own_header_deadline() -> None:
     clock.advance(30)
     protocol.dataReceived(b"GET /y HTTP/1.1\r\n")
     clock.advance(2.1)
-    assert transport.value().endswith(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    assert transport.value().endswith(
+        b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
 
 
-@pytest.mark.parametrize(("target_size", "status"), [(8100, 200), (8300, 414), (20000, 414)])
+@pytest.mark.parametrize(
+    ("target_size", "status"), [(8100, 200), (8300, 414), (20000, 414)]
+)
 def test_request_line_limit(target_size: int, status: int) -> None:
     clock = MemoryReactorClock()
     protocol, transport, resource = connect(clock)
@@ -102,8 +108,14 @@ def test_many_headers_adding_up_get_431() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_slowloris_clients_do_not_starve_normal_ones(make_proxy: Any, fapi: Any) -> None:
-    proxy = make_proxy(site_factory=lambda resource, clock: build_site(resource, clock, header_timeout=2.0))
+async def test_slowloris_clients_do_not_starve_normal_ones(
+    make_proxy: Any, fapi: Any
+) -> None:
+    proxy = make_proxy(
+        site_factory=lambda resource, clock: build_site(
+            resource, clock, header_timeout=2.0
+        )
+    )
     slow = []
     for _ in range(1000):
         client = await connect_raw(proxy.port)
@@ -113,7 +125,10 @@ async def test_slowloris_clients_do_not_starve_normal_ones(make_proxy: Any, fapi
         for client in slow:
             client.transport.write(b"X-A: b\r\n")
         for _ in range(10):
-            data = await raw_request(proxy.port, b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = await raw_request(
+                proxy.port,
+                b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
             assert parse_response(data)[0] == 200
         await task.deferLater(reactor, 0.5)
     closed = [await within(client.closed, 5) for client in slow]

@@ -58,7 +58,10 @@ class _Proxying(Resource):
         self.maxBodySize = maxBodySize
         self.upstreamTimeout = upstreamTimeout
         self.deadlines = Deadlines(reactor, upstreamTimeout)
-        self.metrics = metrics if metrics is not None else Metrics()
+        if metrics is None:
+            metrics = Metrics()
+            metrics.upstreamOpened = lambda: upstream.connectionsOpened
+        self.metrics = metrics
 
     def target(self, uri: bytes) -> bytes | None:
         """Where C{uri} goes upstream, or L{None} if it is not ours."""

@@ -196,7 +196,11 @@ class Options(usage.Options):
         if self.workers > 1:
             tls = self.tls is not None
             self.listenSpecs = [
-                worker_listen_spec(description, tls and description.isdigit())
+                worker_listen_spec(
+                    description,
+                    tls
+                    and (description.isdigit() or description.startswith("haproxy:")),
+                )
                 for description in self.ports
             ]
         for description in self.ports:
@@ -205,6 +209,13 @@ class Options(usage.Options):
             self.adminEndpoint(MemoryReactor(), 0)
 
     def _endpoint(self, reactor: Any, description: str) -> IStreamServerEndpoint:
+        if description.startswith("haproxy:") and self.tls is not None:
+            # A load balancer's PROXY header comes first, in clear; TLS
+            # (with our certificate) follows it on the same connection.
+            inner = description[len("haproxy:") :]
+            if inner.isdigit():
+                inner = f"tcp:{inner}"
+            return _ProxiedTLSEndpoint(self._endpoint(reactor, inner), self.tls)
         if description.isdigit():
             port = int(description)
             if self.tls is not None:
@@ -251,6 +262,19 @@ class Options(usage.Options):
                 f"description ({type(e).__name__}: {e})"
             ) from None
         return endpoint
+
+
+@implementer(IStreamServerEndpoint)
+class _ProxiedTLSEndpoint:
+    """PROXY protocol, then TLS, then HTTP, on any stream endpoint."""
+
+    def __init__(self, inner: IStreamServerEndpoint, tls: ReloadableServerTLS) -> None:
+        self._inner = inner
+        self._tls = tls
+
+    def listen(self, factory: Any) -> Any:
+        wrapped = HAProxyWrappingFactory(TLSMemoryBIOFactory(self._tls, False, factory))
+        return self._inner.listen(wrapped)
 
 
 def _workers_count(value: str) -> int:
