@@ -24,6 +24,7 @@ from conftest import SECRET, connect_raw, parse_response, raw_request, reactor, 
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import free_port, start_against, wait_listening
 from twisted.internet import task
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -88,7 +89,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(
     await sleep(0.2)
     assert (await admin_get(admin, "/readyz"))[0] == 503
     assert (await admin_get(admin, "/healthz"))[0] == 200
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectionRefusedError):
         await connect_raw(port)  # no longer accepting
     await within(idle.closed, 2)  # the idle keep-alive connection was closed
     for client in busy:

@@ -139,7 +139,8 @@ def test_workers_with_an_unsupported_port_is_a_clear_error() -> None:
     assert "--workers" in result.stderr
 
 
-def test_a_taken_port_is_a_clear_error() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_a_clear_error(workers: str) -> None:
     import socket
 
     with socket.socket() as taken:
@@ -165,5 +166,6 @@ def test_a_taken_port_is_a_clear_error() -> None:
             timeout=30,
             check=False,
         )
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot listen" in output and "Traceback" not in output

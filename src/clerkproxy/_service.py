@@ -75,10 +75,13 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        if self._admin is not None:
-            self._admin.startService()
-        for port in self._ports:
-            port.startService()
+        try:
+            if self._admin is not None:
+                self._admin.startService()
+            for port in self._ports:
+                port.startService()
+        except Exception as e:  # a port in use, a bad address, no permission
+            raise SystemExit(f"clerkproxy: cannot listen: {e}") from None
         if self._installSignals:
             # After the reactor has installed its own handlers.
             self._reactor.callWhenRunning(self._takeSignals)

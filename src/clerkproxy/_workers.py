@@ -55,6 +55,10 @@ def worker_listen_spec(description: str, tls: bool) -> ListenSpec:
     Parse a C{--port} value usable with C{--workers}: a port number, or a
     C{tcp:} description, optionally behind C{haproxy:}.
     """
+    if description.startswith("tls:"):
+        return attrs.evolve(
+            worker_listen_spec(description[len("tls:") :], tls), tls=True
+        )
     haproxy = description.startswith("haproxy:")
     inner = description[len("haproxy:") :] if haproxy else description
     if inner.isdigit():

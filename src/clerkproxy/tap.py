@@ -209,26 +209,40 @@ class Options(usage.Options):
             self.adminEndpoint(MemoryReactor(), 0)
 
     def _endpoint(self, reactor: Any, description: str) -> IStreamServerEndpoint:
-        if description.startswith("haproxy:") and self.tls is not None:
+        """
+        A C{--port} value as an endpoint.  A bare number is TLS when a
+        certificate is configured; C{tls:ENDPOINT} puts the certificate on
+        any endpoint; C{haproxy:ENDPOINT} with a certificate reads the PROXY
+        header first and then terminates TLS.  Anything else is Twisted's
+        own endpoint syntax, used as written.
+        """
+        tls = self.tls
+        if description.startswith("tls:"):
+            if tls is None:
+                raise ConfigError(
+                    f"--port {description!r} needs --tls-cert and --tls-key"
+                )
+            return _TLSEndpoint(self._plain(reactor, description[len("tls:") :]), tls)
+        if description.startswith("haproxy:") and tls is not None:
             # A load balancer's PROXY header comes first, in clear; TLS
             # (with our certificate) follows it on the same connection.
-            inner = description[len("haproxy:") :]
-            if inner.isdigit():
-                inner = f"tcp:{inner}"
-            return _ProxiedTLSEndpoint(self._endpoint(reactor, inner), self.tls)
+            inner = self._plain(reactor, description[len("haproxy:") :])
+            return _ProxiedTLSEndpoint(inner, tls)
+        if description.isdigit() and tls is not None:
+            endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
+                reactor, int(description), tls
+            )
+            return endpoint
+        return self._plain(reactor, description)
+
+    def _plain(self, reactor: Any, description: str) -> IStreamServerEndpoint:
         if description.isdigit():
-            port = int(description)
-            if self.tls is not None:
-                endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
-                    reactor, port, self.tls
-                )
-                return endpoint
-            description = f"tcp:{port}"
+            description = f"tcp:{description}"
         try:
             parsed: IStreamServerEndpoint = serverFromString(reactor, description)
         except Exception as e:  # parsers raise anything from KeyError to IndexError
             hint = ""
-            if description.startswith("systemd:"):
+            if "systemd:" in description:
                 hint = "; systemd passed no such socket (LISTEN_FDS)"
             raise ConfigError(
                 f"--port {description!r} is not a usable endpoint description "
@@ -275,6 +289,18 @@ class _ProxiedTLSEndpoint:
     def listen(self, factory: Any) -> Any:
         wrapped = HAProxyWrappingFactory(TLSMemoryBIOFactory(self._tls, False, factory))
         return self._inner.listen(wrapped)
+
+
+@implementer(IStreamServerEndpoint)
+class _TLSEndpoint:
+    """TLS with the reloadable serving certificate, on any stream endpoint."""
+
+    def __init__(self, inner: IStreamServerEndpoint, tls: ReloadableServerTLS) -> None:
+        self._inner = inner
+        self._tls = tls
+
+    def listen(self, factory: Any) -> Any:
+        return self._inner.listen(TLSMemoryBIOFactory(self._tls, False, factory))
 
 
 def _workers_count(value: str) -> int:
