@@ -539,7 +539,7 @@ def idle_connection_cost(s: Setup, count: int, tls: bool) -> float:
 async def _slow_read(reader: asyncio.StreamReader, total: int, rate: float) -> int:
     got, started = 0, time.monotonic()
     while got < total:
-        chunk = await reader.read(65536)
+        chunk = await reader.read(min(65536, total - got))
         if not chunk:
             break
         got += len(chunk)
@@ -572,7 +572,7 @@ async def _slow_upstream(rate: float) -> asyncio.base_events.Server:
                 break  # the proxy closed its pooled connection, or we are done
             m = re.search(rb"Content-Length: (\d+)", head, re.I)
             length = int(m.group(1)) if m else 0
-            got = await _slow_read_exact(reader, length, rate)
+            got = await _slow_read(reader, length, rate)
             body = f'{{"received":{got}}}'.encode()
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -586,21 +586,6 @@ async def _slow_upstream(rate: float) -> asyncio.base_events.Server:
     return await asyncio.start_server(
         handle, "127.0.0.1", SLOW_UPSTREAM_PORT, ssl=context
     )
-
-
-async def _slow_read_exact(
-    reader: asyncio.StreamReader, total: int, rate: float
-) -> int:
-    got, started = 0, time.monotonic()
-    while got < total:
-        chunk = await reader.read(min(65536, total - got))
-        if not chunk:
-            break
-        got += len(chunk)
-        ahead = got / rate - (time.monotonic() - started)
-        if ahead > 0:
-            await asyncio.sleep(ahead)
-    return got
 
 
 _SETUP: Setup | None = None
