@@ -236,3 +236,26 @@ def test_pause_and_resume_reach_the_socket() -> None:
 
 
 _: Any = None
+
+
+def test_nagle_is_off_on_the_tcp_connection_under_tls() -> None:
+    from twisted.internet.interfaces import ITCPTransport
+    from zope.interface import directlyProvides
+
+    class TCP(StringTransport):
+        noDelay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.noDelay = enabled
+
+    class TLSLike(StringTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transport = TCP()
+            directlyProvides(self.transport, ITCPTransport)
+
+    pool = UpstreamPool(MemoryReactorClock(), FakeEndpoint())
+    conn = UpstreamConnection(pool)
+    wrapper = TLSLike()
+    conn.makeConnection(wrapper)
+    assert wrapper.transport.noDelay is True

@@ -21,7 +21,7 @@ import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -110,6 +110,15 @@ class UpstreamConnection(TwistedProtocol):
         self._producing = False
         self._lost = False
         self._closedWaiters: list[Deferred[None]] = []
+
+    def connectionMade(self) -> None:
+        # Request heads and body chunks are written as they come: do not let
+        # Nagle hold one back for the previous one's ACK.  Under TLS the TCP
+        # transport is one level down.
+        transport: Any = self.transport
+        tcp = getattr(transport, "transport", transport)
+        if ITCPTransport.providedBy(tcp):
+            tcp.setTcpNoDelay(True)
 
     @property
     def idle(self) -> bool:
