@@ -135,6 +135,7 @@ def test_unreadable_secret_key_file(tmp_path: Path) -> None:
         (["--fapi-ca", "/nonexistent.pem"], "--fapi-ca"),
         (["--port", "nonsense:1"], "--port"),
         (["--port", "systemd:domain=INET:index=0"], "LISTEN_FDS"),
+        (["--port", "tls:tcp:8443"], "--tls-cert"),
         (["--max-body-size", "lots"], "--max-body-size"),
         (["--upstream-timeout", "-1"], "--upstream-timeout"),
         (["--trusted-proxy", "10.0.0.0/40"], "--trusted-proxy"),

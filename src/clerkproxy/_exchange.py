@@ -132,6 +132,10 @@ class Exchange:
         self._clientGone = False
         self._responding = False
 
+    def readBuffered(self, content: Any) -> None:
+        """Take the body from Twisted's buffer (a plain C{Site}'s request)."""
+        self._source = FileSource(content, self)
+
     # -- starting ---------------------------------------------------------
 
     def start(self) -> None:

@@ -16,7 +16,7 @@ from zope.interface import implementer
 from ._config import ProxyConfig
 from ._deadlines import Deadlines
 from ._errors import respond_error
-from ._exchange import Exchange, FileSource
+from ._exchange import Exchange
 from ._forwarded import ClientAddress
 from ._headers import APP_DROP, FAPI_DROP, injected_block
 from ._metrics import Metrics
@@ -88,7 +88,7 @@ class _Proxying(Resource):
             return NOT_DONE_YET
         exchange = Exchange(self, request, target, length, None, False)
         if length:
-            exchange._source = FileSource(content, exchange)
+            exchange.readBuffered(content)
         exchange.start()
         return NOT_DONE_YET
 

@@ -136,10 +136,6 @@ class WorkerSupervisor(Service):
         self._delays: dict[int, float] = {}
         self._stopping = False
 
-    @property
-    def pids(self) -> list[int]:
-        return [t.pid for t in self._transports.values() if t.pid is not None]
-
     def startService(self) -> None:
         Service.startService(self)
         for index in range(self._count):
