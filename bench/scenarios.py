@@ -60,13 +60,13 @@ SCENARIOS = {
         Scenario(
             "stalled-readers",
             1000,
-            200,
+            100,
             "each GETs a 64 MiB answer with a 4 KiB receive buffer and reads nothing",
         ),
         Scenario(
             "slow-readers",
             1000,
-            200,
+            100,
             "each GETs a 64 MiB answer with a 4 KiB receive buffer and reads 1 byte per interval",
         ),
         Scenario(
@@ -742,11 +742,14 @@ def table(results: list[dict[str, Any]], cfg: Settings) -> str:
         f"Ordinary client: {cfg.rate:g} GET /v1/client a second, each on a new "
         f"connection, for {cfg.duration:g} s under attack; a request with no "
         f"answer in {cfg.timeout:g} s counts as failed. Fds are back when they "
-        f"reach the pre-attack baseline within {cfg.settle:g} s of the attack's end.",
+        f"reach the pre-attack baseline within {cfg.settle:g} s of the attack's end. "
+        "CPU is the contender's, while the ordinary client runs; TCP buffers is the "
+        "growth of the whole machine's TCP socket memory (/proc/net/sockstat).",
         "",
         "| scenario | contender | attackers | requests | p50 ms | p99 ms | 5xx | no answer "
-        "| peak RSS MiB | peak fds | fds before → after | fds back | log errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| CPU % | peak RSS MiB | TCP buffers MiB | peak fds | fds before → after | fds back "
+        "| log errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         o = r.get("ordinary", {})
@@ -755,7 +758,8 @@ def table(results: list[dict[str, Any]], cfg: Settings) -> str:
             f"| {r['scenario']} | {r['contender']} | {r['attackers']:,} "
             f"| {o.get('requests', '-')} | {o.get('p50_ms', '-')} | {o.get('p99_ms', '-')} "
             f"| {o.get('5xx', '-')} | {o.get('no_answer', '-')} "
-            f"| {r.get('peak_rss_mib', '-')} | {r.get('peak_fds', '-')} "
+            f"| {r.get('cpu_percent', '-')} | {r.get('peak_rss_mib', '-')} "
+            f"| {r.get('tcp_buffers_mib', '-')} | {r.get('peak_fds', '-')} "
             f"| {r.get('baseline_fds', '-')} → {r.get('fds_after', '-')} "
             f"| {'no' if back is None else f'{back:g} s'} "
             f"| {'-' if r.get('log_errors') is None else r['log_errors']} |"
