@@ -73,6 +73,9 @@ class _Proxying(Resource):
 
     def render(self, request: Request) -> object:
         """Serve a request whose body (if any) is already buffered."""
+        # The answer carries the upstream's headers and nothing else: no
+        # Content-Type it did not send.
+        request.defaultContentType = None
         target = self.target(request.uri)
         if target is None:
             respond_error(request, 404, "not_found")
@@ -96,6 +99,7 @@ class _Proxying(Resource):
         self, request: Request, length: int | None
     ) -> IRequestBodyReceiver | None:
         """Serve a request as soon as its head is in."""
+        request.defaultContentType = None
         target = self.target(request.uri)
         if target is None:
             respond_error(request, 404, "not_found")
@@ -103,6 +107,9 @@ class _Proxying(Resource):
         if length is not None and length > self.maxBodySize:
             respond_error(request, 413, "proxy_request_too_large")
             return None
+        if length is None:
+            # The channel refuses a chunk size that would go past this.
+            request.maxBodySize = self.maxBodySize  # type: ignore[attr-defined]
         transport: Any = request.transport
         exchange = Exchange(self, request, target, length, transport, True)
         exchange.start()

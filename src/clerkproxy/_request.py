@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.server import unquote  # type: ignore[attr-defined]
 
+from ._errors import respond_error
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
 __all__ = ["StreamingRequest"]
@@ -32,12 +33,16 @@ class StreamingRequest(server.Request):
     A request whose body can be relayed while it arrives.
 
     @ivar bodyComplete: Whether the whole request body has been read.
+    @ivar maxBodySize: The most body bytes the resource takes, if it said
+        (it may, in C{renderStreaming}); the channel refuses a chunk size
+        that goes past it.
     """
 
     _receiver: IRequestBodyReceiver | None = None
     _streaming = False
     _onLost: Callable[[], object] | None = None
     bodyComplete = False
+    maxBodySize: int | None = None
     # Filled in along the way, for metrics and the access log.
     startedAt = 0.0
     inFlight = False
@@ -97,6 +102,30 @@ class StreamingRequest(server.Request):
         self.bodyComplete = True
         if self._receiver is not None and not self.finished:
             self._receiver.bodyDone()
+
+    def refuseBody(self, status: int) -> bool:
+        """
+        The channel refuses the rest of this request's body (C{status} 400
+        or 413): the receiver is told the client is gone, so that whatever
+        it started upstream stops at once, and the client gets the error,
+        or an aborted connection if its response had begun.
+
+        @return: Whether this request handled it; if not, the channel
+            answers by itself.
+        """
+        if not self._streaming or self.finished or self.channel is None:
+            return False
+        onLost, self._onLost = self._onLost, None
+        self._receiver = None
+        if onLost is not None:
+            onLost()
+        if self.startedWriting:
+            self.channel.transport.abortConnection()  # type: ignore[union-attr]
+        elif status == 413:
+            respond_error(self, 413, "proxy_request_too_large")
+        else:
+            respond_error(self, 400, "proxy_bad_request")
+        return True
 
     def write(self, data: bytes) -> None:
         channel = self.channel
