@@ -5,9 +5,8 @@ C{--app}) the application's origin for everything else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -23,6 +22,9 @@ from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
 from .interfaces import IRequestBodyReceiver, IStreamingResource
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = ["AppProxy", "EdgeRouter", "FrontendAPIProxy"]
 

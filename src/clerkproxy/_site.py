@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
-from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -16,6 +15,7 @@ from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
 from ._metrics import Metrics
 from ._request import StreamingRequest
+from ._twisted_compat import GenericHTTPChannelProtocol
 
 if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["StreamingSite", "build_site"]
 
 
-def _streamingProtocol(factory: Site) -> _GenericHTTPChannelProtocol:
+def _streamingProtocol(factory: Site) -> GenericHTTPChannelProtocol:
     channel: StreamingChannel = StreamingChannel()  # type: ignore[no-untyped-call]
-    return _GenericHTTPChannelProtocol(channel)
+    return GenericHTTPChannelProtocol(channel)
 
 
 class StreamingSite(Site):
