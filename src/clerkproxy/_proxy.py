@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -64,6 +65,14 @@ class _Proxying(Resource):
             metrics = Metrics()
             metrics.upstreamOpened = lambda: upstream.connectionsOpened
         self.metrics = metrics
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the upstream pool: idle connections now, the rest as their
+        requests end; refuse new work.  Call it when your service stops.
+        Fires once the idle connections are shut.
+        """
+        return self.upstream.close().addCallback(lambda _: None)
 
     def target(self, uri: bytes) -> bytes | None:
         """Where C{uri} goes upstream, or L{None} if it is not ours."""
