@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import _ChunkedTransferDecoder
+
+from ._twisted_compat import (
+    ChunkedTransferDecoder,
+    replace_chunked_decoder,
+    request_version,
+)
 
 if TYPE_CHECKING:
     from ._site import StreamingSite
@@ -58,7 +63,7 @@ _RESPONSES = {
 }
 
 
-class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
+class _BoundedChunkedDecoder(ChunkedTransferDecoder):
     """
     Twisted's chunked decoder, refusing chunk sizes no honest client sends:
     more than 16 hex digits (a parser that wraps at 64 bits would read
@@ -79,7 +84,7 @@ class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
         refuse: Callable[[int], None],
         limit: Callable[[], int | None],
     ) -> None:
-        _ChunkedTransferDecoder.__init__(self, dataCallback, finishCallback)
+        ChunkedTransferDecoder.__init__(self, dataCallback, finishCallback)
         self._refuse = refuse
         self._limit = limit
         self._announced = 0
@@ -88,7 +93,7 @@ class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
         match = _HEX_DIGITS(self._buffer)
         if match is not None and match.end() > MAX_CHUNK_SIZE_DIGITS:
             return self._refused(400)
-        if not _ChunkedTransferDecoder._dataReceived_CHUNK_LENGTH(self):
+        if not ChunkedTransferDecoder._dataReceived_CHUNK_LENGTH(self):
             return False
         self._announced += self.length
         limit = self._limit()
@@ -298,17 +303,20 @@ class StreamingChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         if header == b"Transfer-Encoding" and (
-            data.lower() != b"chunked" or self._version != b"HTTP/1.1"
+            data.lower() != b"chunked" or request_version(self) != b"HTTP/1.1"
         ):
             return self._failChooseTransferDecoder()
         ok: bool = http.HTTPChannel._maybeChooseTransferDecoder(self, header, data)
-        if ok and isinstance(self._transferDecoder, _ChunkedTransferDecoder):
+        if ok and header == b"Transfer-Encoding":
             request = self.requests[-1]
-            self._transferDecoder = _BoundedChunkedDecoder(
-                request.handleContentChunk,
-                self._finishRequestBody,
-                self._refuseBody,
-                lambda: getattr(request, "maxBodySize", None),
+            replace_chunked_decoder(
+                self,
+                lambda data, finish: _BoundedChunkedDecoder(
+                    data,
+                    finish,
+                    self._refuseBody,
+                    lambda: getattr(request, "maxBodySize", None),
+                ),
             )
         return ok
 
