@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
+from zope.interface import implementer
 
+from ._interfaces import IStreamingChannel
 from ._twisted_compat import request_version
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ _RESPONSES = {
 }
 
 
+@implementer(IStreamingChannel)
 class StreamingChannel(http.HTTPChannel):
     """
     Twisted already rejects with 400: differing, repeated or signed
