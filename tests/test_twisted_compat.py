@@ -141,3 +141,32 @@ def test_raise_synchronously() -> None:
         assert str(e) == "in use"
     else:
         raise AssertionError("startService did not raise")
+
+
+def test_no_other_module_imports_private_twisted_names() -> None:
+    """Private Twisted names come in through _twisted_compat only, and
+    production code never uses Twisted's test doubles."""
+    import ast
+    from pathlib import Path
+
+    import clerkproxy
+
+    package = Path(clerkproxy.__file__).parent
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        if path.name == "_twisted_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "twisted"
+            ):
+                module = node.module or ""
+                names = [alias.name for alias in node.names]
+                if (
+                    any(part.startswith("_") for part in module.split("."))
+                    or any(name.startswith("_") for name in names)
+                    or module
+                    in ("twisted.internet.testing", "twisted.test.proto_helpers")
+                ):
+                    offenders.append(f"{path.name}: from {module} import {names}")
+    assert offenders == []
