@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import (
     AcceptableCiphers,
@@ -31,6 +30,10 @@ from twisted.internet.ssl import (
 from zope.interface import implementer
 
 from ._config import ConfigError
+from ._twisted_compat import clear_tls_options
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = [
     "GROUPS",
@@ -142,7 +145,7 @@ def _options(material: tuple[Any, Any, list[Any]]) -> CertificateOptions:
     )
     # Mozilla's intermediate profile lets the client choose among the
     # (all strong) suites, so one without AES hardware can pick ChaCha20.
-    options._options &= ~SSL.OP_CIPHER_SERVER_PREFERENCE
+    clear_tls_options(options, SSL.OP_CIPHER_SERVER_PREFERENCE)
     context = options.getContext()
     context.set_timeout(TICKET_KEY_LIFETIME)
     _set_groups(context, available_groups())
