@@ -170,3 +170,15 @@ def test_no_other_module_imports_private_twisted_names() -> None:
                 ):
                     offenders.append(f"{path.name}: from {module} import {names}")
     assert offenders == []
+
+
+def test_clear_tls_options() -> None:
+    """CertificateOptions keeps the OpenSSL options it sets in _options."""
+    from OpenSSL import SSL
+    from twisted.internet.ssl import CertificateOptions
+
+    options = CertificateOptions()
+    assert options._options & SSL.OP_CIPHER_SERVER_PREFERENCE
+    compat.clear_tls_options(options, SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context = options.getContext()
+    assert not context.set_options(0) & SSL.OP_CIPHER_SERVER_PREFERENCE
