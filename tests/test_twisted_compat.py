@@ -181,3 +181,44 @@ def test_replace_chunked_decoder() -> None:
     channel.dataReceived(b"\r\n3\r\nabc\r\n0\r\n\r\n")
     request.content.seek(0)
     assert request.content.read() == b"abc"
+
+
+def test_no_other_module_imports_private_twisted_names() -> None:
+    """Private Twisted names come in through _twisted_compat only, and
+    production code never uses Twisted's test doubles."""
+    import ast
+    from pathlib import Path
+
+    import clerkproxy
+
+    package = Path(clerkproxy.__file__).parent
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        if path.name == "_twisted_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "twisted"
+            ):
+                module = node.module or ""
+                names = [alias.name for alias in node.names]
+                if (
+                    any(part.startswith("_") for part in module.split("."))
+                    or any(name.startswith("_") for name in names)
+                    or module
+                    in ("twisted.internet.testing", "twisted.test.proto_helpers")
+                ):
+                    offenders.append(f"{path.name}: from {module} import {names}")
+    assert offenders == []
+
+
+def test_clear_tls_options() -> None:
+    """CertificateOptions keeps the OpenSSL options it sets in _options."""
+    from OpenSSL import SSL
+    from twisted.internet.ssl import CertificateOptions
+
+    options = CertificateOptions()
+    assert options._options & SSL.OP_CIPHER_SERVER_PREFERENCE
+    compat.clear_tls_options(options, SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context = options.getContext()
+    assert not context.set_options(0) & SSL.OP_CIPHER_SERVER_PREFERENCE

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
+from zope.interface import implementer
 
+from ._interfaces import IStreamingChannel, IStreamingRequest
 from ._twisted_compat import (
     ChunkedTransferDecoder,
     replace_chunked_decoder,
@@ -112,6 +114,7 @@ class _BoundedChunkedDecoder(ChunkedTransferDecoder):
         return False
 
 
+@implementer(IStreamingChannel)
 class StreamingChannel(http.HTTPChannel):
     """
     Twisted already rejects with 400: differing, repeated or signed
@@ -309,13 +312,15 @@ class StreamingChannel(http.HTTPChannel):
         ok: bool = http.HTTPChannel._maybeChooseTransferDecoder(self, header, data)
         if ok and header == b"Transfer-Encoding":
             request = self.requests[-1]
+            streaming = IStreamingRequest.providedBy(request)
+
+            def limit() -> int | None:
+                return request.maxBodySize if streaming else None
+
             replace_chunked_decoder(
                 self,
                 lambda data, finish: _BoundedChunkedDecoder(
-                    data,
-                    finish,
-                    self._refuseBody,
-                    lambda: getattr(request, "maxBodySize", None),
+                    data, finish, self._refuseBody, limit
                 ),
             )
         return ok
@@ -326,6 +331,5 @@ class StreamingChannel(http.HTTPChannel):
         sent the head on already) gives up, and the client gets C{status}.
         """
         request = self.requests[-1]
-        refuse = getattr(request, "refuseBody", None)
-        if refuse is None or not refuse(status):
+        if not IStreamingRequest.providedBy(request) or not request.refuseBody(status):
             self._refuse(status)

@@ -19,6 +19,7 @@ from ._errors import respond_error
 from ._exchange import Exchange
 from ._forwarded import ClientAddress
 from ._headers import APP_DROP, FAPI_DROP, injected_block
+from ._interfaces import IStreamingRequest
 from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
@@ -118,9 +119,9 @@ class _Proxying(Resource):
         if length is not None and length > self.maxBodySize:
             respond_error(request, 413, "proxy_request_too_large")
             return None
-        if length is None:
+        if length is None and IStreamingRequest.providedBy(request):
             # The channel refuses a chunk size that would go past this.
-            request.maxBodySize = self.maxBodySize  # type: ignore[attr-defined]
+            request.maxBodySize = self.maxBodySize
         transport: Any = request.transport
         exchange = Exchange(self, request, target, length, transport, True)
         exchange.start()

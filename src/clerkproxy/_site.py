@@ -8,11 +8,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from ._accesslog import AccessLog
 from ._channel import MAX_HEAD, MAX_REQUEST_LINE, StreamingChannel
 from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
+from ._interfaces import IStreamingSite
 from ._metrics import Metrics
 from ._request import StreamingRequest
 from ._twisted_compat import GenericHTTPChannelProtocol
@@ -28,6 +30,7 @@ def _streamingProtocol(factory: Site) -> GenericHTTPChannelProtocol:
     return GenericHTTPChannelProtocol(channel)
 
 
+@implementer(IStreamingSite)
 class StreamingSite(Site):
     """
     A C{Site} whose requests stream their bodies to L{IStreamingResource}

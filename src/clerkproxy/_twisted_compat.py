@@ -29,6 +29,7 @@ __all__ = [
     "ChunkedTransferDecoder",
     "GenericHTTPChannelProtocol",
     "IOpenSSLTrustRoot",
+    "clear_tls_options",
     "encode_header_name",
     "headers_from_raw",
     "parse_endpoint_description",
@@ -126,3 +127,12 @@ def raise_synchronously(service: Any) -> None:
     C{startService} instead of logging it (C{_raiseSynchronously}).
     """
     service._raiseSynchronously = True
+
+
+def clear_tls_options(options: Any, flags: int) -> None:
+    """
+    Keep OpenSSL option C{flags} off in the contexts a C{CertificateOptions}
+    makes (it sets them from C{_options}; pyOpenSSL cannot clear an option
+    on a context once set).
+    """
+    options._options &= ~flags
