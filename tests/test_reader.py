@@ -44,7 +44,16 @@ def read(
             elif event is Event.HEAD:
                 h: Any = reader.head
                 events.append(
-                    ("head", h.code, h.phrase, h.headers, h.connection, h.length, h.bodyless, h.keepAlive)
+                    (
+                        "head",
+                        h.code,
+                        h.phrase,
+                        h.headers,
+                        h.connection,
+                        h.length,
+                        h.bodyless,
+                        h.keepAlive,
+                    )
                 )
             else:
                 events.append(("body", body))
