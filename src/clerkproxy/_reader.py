@@ -41,7 +41,9 @@ from __future__ import annotations
 import enum
 import re
 
-from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import InvalidHeaderName
+
+from ._twisted_compat import encode_header_name
 
 __all__ = ["Event", "ResponseHead", "ResponseReader", "UpstreamProtocolError"]
 
@@ -368,7 +370,7 @@ def _parseHead(head: bytes, isHead: bool) -> ResponseHead | None:
         raise UpstreamProtocolError("forbidden character in the reason phrase")
     headers: dict[bytes, list[bytes]] = {}
     connection: dict[bytes, list[bytes]] = {}
-    encode = _nameEncoder.encode
+    encode = encode_header_name
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN(name):
