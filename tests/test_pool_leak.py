@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from clerkproxy import FrontendAPIProxy, ProxyConfig, build_site
+from clerkproxy._metrics import MetricsCollector
 from clerkproxy._upstream import UpstreamPool
 
 GET = b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -61,8 +62,8 @@ class Proxy:
             fapi_url="https://fapi.test",
             upstream_timeout=60.0,
         )
-        resource = FrontendAPIProxy(config, self.clock, upstream=self.pool)
-        self.site = build_site(resource, self.clock)
+        self.resource = FrontendAPIProxy(config, self.clock, upstream=self.pool)
+        self.site = build_site(self.resource, self.clock)
 
     def client(self, request: bytes) -> tuple[Any, StringTransport]:
         protocol = self.site.buildProtocol(None)
@@ -160,4 +161,23 @@ def test_stalled_relays_do_not_hold_the_pool(
     upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert ordinary.value().startswith(b"HTTP/1.1 200 OK")
     assert pool.idleConnections == 1 and pool.relayingConnections == 2
+    assert gauges(proxy) == {
+        ("clerkproxy_upstream_connections", "connecting"): 0,
+        ("clerkproxy_upstream_connections", "busy"): 0,
+        ("clerkproxy_upstream_connections", "relaying"): 2,
+        ("clerkproxy_upstream_connections", "idle"): 1,
+        ("clerkproxy_upstream_queued_requests", None): 0,
+    }
     assert logged_errors == []
+
+
+def gauges(proxy: Proxy) -> dict[tuple[str, str | None], float]:
+    """The pool gauges as /metrics would export them."""
+    out: dict[tuple[str, str | None], float] = {}
+    for family in MetricsCollector(proxy.resource.metrics).collect():
+        if family.name.startswith(
+            ("clerkproxy_upstream_conn", "clerkproxy_upstream_q")
+        ):
+            for sample in family.samples:
+                out[(sample.name, sample.labels.get("state"))] = sample.value
+    return out

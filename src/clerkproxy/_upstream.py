@@ -38,7 +38,7 @@ from ._client import UpstreamConnection
 if TYPE_CHECKING:
     from ._twisted_compat import IOpenSSLTrustRoot
 
-__all__ = ["UpstreamPool", "app_endpoint", "fapi_endpoint"]
+__all__ = ["UpstreamPool", "app_endpoint", "fapi_endpoint", "pool_counts"]
 
 #: Seconds idle connections get to close politely when the pool closes.
 _CLOSE_GRACE = 3.0
@@ -179,6 +179,16 @@ class UpstreamPool:
     def queuedRequests(self) -> int:
         """Requests waiting for a connection."""
         return len(self._waiters)
+
+    def counts(self) -> dict[str, int]:
+        """Connections by state, and queued requests, for metrics."""
+        return {
+            "connecting": self._connecting,
+            "busy": len(self._busy),
+            "relaying": len(self._relaying),
+            "idle": len(self._idle),
+            "queued": len(self._waiters),
+        }
 
     # -- handing out ---------------------------------------------------------
 
@@ -344,3 +354,12 @@ class UpstreamPool:
             force = self._clock.callLater(_CLOSE_GRACE, abortAll)
             done.addBoth(lambda result: force.cancel() if force.active() else None)
         return done
+
+
+def pool_counts(pools: list[UpstreamPool]) -> dict[str, int]:
+    """L{UpstreamPool.counts} summed over C{pools}."""
+    total: dict[str, int] = {}
+    for pool in pools:
+        for name, n in pool.counts().items():
+            total[name] = total.get(name, 0) + n
+    return total
