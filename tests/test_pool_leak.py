@@ -175,8 +175,9 @@ def gauges(proxy: Proxy) -> dict[tuple[str, str | None], float]:
     """The pool gauges as /metrics would export them."""
     out: dict[tuple[str, str | None], float] = {}
     for family in MetricsCollector(proxy.resource.metrics).collect():
-        if family.name.startswith(
-            ("clerkproxy_upstream_conn", "clerkproxy_upstream_q")
+        if family.name in (
+            "clerkproxy_upstream_connections",
+            "clerkproxy_upstream_queued_requests",
         ):
             for sample in family.samples:
                 out[(sample.name, sample.labels.get("state"))] = sample.value
