@@ -306,11 +306,12 @@ def start_nginx_recipe(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
 # /proc
 
 
-def open_fds(pids: list[int]) -> int:
+def open_fds(pid: int) -> int:
+    """Open file descriptors of a process and its descendants."""
     total = 0
-    for pid in pids:
+    for p in harness.descendants(pid):
         try:
-            total += len(os.listdir(f"/proc/{pid}/fd"))
+            total += len(os.listdir(f"/proc/{p}/fd"))
         except OSError:
             continue
     return total
@@ -329,35 +330,23 @@ def tcp_kernel_mib() -> float:
     return 0.0
 
 
-def rss_kib(pids: list[int], key: str = "VmRSS") -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
-
-
 class Sampler:
     """Peak fds and RSS of a process tree, and the machine's TCP buffer
     memory, sampled every 0.2 s in a thread (so that reading /proc does not
     delay the ordinary client)."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.peak_fds = open_fds(pids)
-        self.peak_rss = rss_kib(pids)
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_fds = open_fds(pid)
+        self.peak_rss = harness.memory_kib(pid, "VmRSS")
         self.peak_tcp = self.baseline_tcp = tcp_kernel_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak_fds = max(self.peak_fds, open_fds(self.pids))
-            self.peak_rss = max(self.peak_rss, rss_kib(self.pids))
+            self.peak_fds = max(self.peak_fds, open_fds(self.pid))
+            self.peak_rss = max(self.peak_rss, harness.memory_kib(self.pid, "VmRSS"))
             self.peak_tcp = max(self.peak_tcp, tcp_kernel_mib())
 
     def __enter__(self) -> Sampler:
@@ -368,7 +357,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         # VmHWM catches a peak between two samples.
-        self.peak_rss = max(self.peak_rss, rss_kib(self.pids, "VmHWM"))
+        self.peak_rss = max(self.peak_rss, harness.memory_kib(self.pid, "VmHWM"))
 
 
 # --------------------------------------------------------------------------
@@ -453,10 +442,18 @@ async def ordinary_requests(
 class Attack:
     """A running attack: start(), ready(), stop() -> counts."""
 
+    argv: list[str]
     process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Start C{argv} in its own process group, stdin and stdout piped."""
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=harness.raise_fd_limit,
+        )
 
     async def ready(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -473,13 +470,19 @@ class Attack:
             self.kill()
 
     def kill(self) -> None:
-        """Kill whatever is left of the attack's process group."""
-        if self.process is None:
+        """Kill the attack's process group, unless it has been reaped."""
+        if self.process is None or self.process.returncode is not None:
             return
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    async def reap(self) -> None:
+        """Kill and wait for the attack, if it still runs."""
+        if self.process is not None and self.process.returncode is None:
+            self.kill()
+            await self.process.wait()
 
 
 class ClientAttack(Attack):
@@ -506,15 +509,6 @@ class ClientAttack(Attack):
             "3600",
         ]
 
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=harness.raise_fd_limit,
-        )
-
     async def _line(self) -> dict[str, Any]:
         assert self.process is not None and self.process.stdout is not None
         line = await self.process.stdout.readline()
@@ -538,7 +532,7 @@ class WrkAttack(Attack):
     """wrk -t1 -cN on /v1/client, stopped with SIGINT (it then reports)."""
 
     def __init__(
-        self, port: int, count: int, longest: float, pids: list[int], baseline: int
+        self, port: int, count: int, longest: float, pid: int, baseline: int
     ) -> None:
         self.argv = [
             "wrk",
@@ -549,22 +543,13 @@ class WrkAttack(Attack):
             "10s",
             f"http://127.0.0.1:{port}{harness.TARGET}",
         ]
-        self.count, self.pids, self.baseline = count, pids, baseline
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=harness.raise_fd_limit,
-        )
+        self.count, self.pid, self.baseline = count, pid, baseline
 
     async def ready(self) -> dict[str, Any]:
         # Ready when most of its connections reached the contender, or after 15 s.
         started = time.monotonic()
         while time.monotonic() - started < 15:
-            if open_fds(self.pids) - self.baseline >= 0.9 * self.count:
+            if open_fds(self.pid) - self.baseline >= 0.9 * self.count:
                 break
             await asyncio.sleep(0.2)
         return {"ramp_seconds": round(time.monotonic() - started, 2)}
@@ -608,30 +593,18 @@ def log_errors(log: Path) -> int:
     return count
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
-async def settled_in(pids: list[int], expected: int, limit: float, busy: bool) -> float:
+async def settled_in(pid: int, expected: int, limit: float, busy: bool) -> float:
     """Wait until the contender has taken the attack in: its fds reached
     C{expected} and stopped growing for a second and, unless the attack
     keeps it C{busy}, it used under half a core in that second (or
     C{limit} passed)."""
     started = time.monotonic()
-    peak, peaked = open_fds(pids), started
-    cpu = [(started, cpu_seconds(pids))]
+    peak, peaked = open_fds(pid), started
+    cpu = [(started, harness.cpu_seconds(pid))]
     while time.monotonic() - started < limit:
         await asyncio.sleep(0.25)
-        now, moment = open_fds(pids), time.monotonic()
-        cpu.append((moment, cpu_seconds(pids)))
+        now, moment = open_fds(pid), time.monotonic()
+        cpu.append((moment, harness.cpu_seconds(pid)))
         if now > peak:
             peak, peaked = now, moment
             continue
@@ -643,13 +616,11 @@ async def settled_in(pids: list[int], expected: int, limit: float, busy: bool) -
     return round(time.monotonic() - started, 2)
 
 
-def await_baseline(
-    pids: list[int], baseline: int, limit: float
-) -> tuple[int, float | None]:
+def await_baseline(pid: int, baseline: int, limit: float) -> tuple[int, float | None]:
     """(fds at the end, seconds until they were back to C{baseline} or None)."""
     started = time.monotonic()
     while True:
-        now = open_fds(pids)
+        now = open_fds(pid)
         elapsed = time.monotonic() - started
         if now <= baseline:
             return now, round(elapsed, 1)
@@ -678,56 +649,58 @@ def run_one(
         "attackers": count,
         "attack_seconds": cfg.duration,
     }
-    attack: Attack | None = None
     try:
         harness.wait_port(port)
         harness.check_answer(port)
-        time.sleep(0.5)  # let --workers children start
-        pids = harness.descendants(process.pid)
+        pid = process.pid
         # Warm up: a few concurrent requests, so the pool holds what an
         # ordinary client needs before the baseline is taken.
         asyncio.run(ordinary_requests(port, 0.5, 8, cfg.timeout))
         time.sleep(0.5)
-        baseline_fds = open_fds(pids)
+        baseline_fds = open_fds(pid)
         result["baseline_fds"] = baseline_fds
-        result["baseline_rss_mib"] = round(rss_kib(pids) / 1024, 1)
+        result["baseline_rss_mib"] = round(harness.memory_kib(pid, "VmRSS") / 1024, 1)
 
         async def attacked() -> None:
-            nonlocal attack
+            attack: Attack
             if scenario.name == "many-clients":
                 longest = cfg.duration + cfg.timeout + 30
-                attack = WrkAttack(port, count, longest, pids, baseline_fds)
+                attack = WrkAttack(port, count, longest, pid, baseline_fds)
             else:
                 attack = ClientAttack(scenario.name, port, count, cfg.interval)
+            try:
+                await under_attack(attack)
+            finally:
+                await attack.reap()
+
+        async def under_attack(attack: Attack) -> None:
             await attack.start()
             result["attack"] = await attack.ready()
             result["attack"]["settled_in_s"] = await settled_in(
-                pids,
+                pid,
                 baseline_fds + count,
                 5.0 if cfg.quick else 30.0,
                 busy=scenario.name == "many-clients",
             )
-            cpu, started = cpu_seconds(pids), time.monotonic()
+            cpu, started = harness.cpu_seconds(pid), time.monotonic()
             result["ordinary"] = await ordinary_requests(
                 port, cfg.duration, cfg.rate, cfg.timeout
             )
             result["cpu_percent"] = round(
-                100 * (cpu_seconds(pids) - cpu) / (time.monotonic() - started)
+                100 * (harness.cpu_seconds(pid) - cpu) / (time.monotonic() - started)
             )
             result["attack"] = {**result["attack"], **await attack.stop()}
 
-        with Sampler(pids) as sampler:
+        with Sampler(pid) as sampler:
             asyncio.run(attacked())
         result["peak_fds"] = sampler.peak_fds
         result["peak_rss_mib"] = round(sampler.peak_rss / 1024, 1)
         result["tcp_buffers_mib"] = round(sampler.peak_tcp - sampler.baseline_tcp)
-        after, seconds = await_baseline(pids, baseline_fds, cfg.settle)
+        after, seconds = await_baseline(pid, baseline_fds, cfg.settle)
         result["fds_after"] = after
         result["fds_back_after_s"] = seconds
         result["settle_limit_s"] = cfg.settle
     finally:
-        if attack is not None:
-            attack.kill()
         harness.stop(process)
     result["log_errors"] = log_errors(log) if contender != "nginx-recipe" else None
     return result
@@ -775,6 +748,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"bench: {tool} is not installed; run bench/run, which installs it"
             )
     harness.raise_fd_limit()
+    # SIGTERM, like Ctrl-C, unwinds through the finally blocks that stop
+    # every process this run started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     output: Path = args.output
     if output == parser.get_default("output"):
         output = HERE / "results" / "scenarios.md"
