@@ -93,6 +93,24 @@ class Options(usage.Options):
         ["max-body-size", None, 16 * MiB, "Largest request body relayed, in bytes."],
         ["connect-timeout", None, 10.0, "Seconds to connect to FAPI."],
         ["upstream-timeout", None, 30.0, "Seconds for FAPI to start answering."],
+        [
+            "body-timeout",
+            None,
+            30.0,
+            "Seconds a request body may go without a byte from the client.",
+        ],
+        [
+            "upstream-read-timeout",
+            None,
+            60.0,
+            "Seconds FAPI's response body may go without a byte.",
+        ],
+        [
+            "send-timeout",
+            None,
+            60.0,
+            "Seconds a client may go without taking a byte of its response.",
+        ],
         ["header-timeout", None, 10.0, "Seconds a request head may take to arrive."],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive connection is kept."],
         [
@@ -178,6 +196,9 @@ class Options(usage.Options):
             max_body_size=_number(self, "max-body-size", int),
             connect_timeout=_number(self, "connect-timeout", float),
             upstream_timeout=_number(self, "upstream-timeout", float),
+            body_timeout=_number(self, "body-timeout", float),
+            upstream_read_timeout=_number(self, "upstream-read-timeout", float),
+            send_timeout=_number(self, "send-timeout", float),
             app_url=self["app"],
         )
         self.headerTimeout = _number(self, "header-timeout", float)
@@ -349,7 +370,7 @@ def build_service(
             origin.base_path,
             fapi.clientAddress,
             config.max_body_size,
-            config.upstream_timeout,
+            config.timeouts,
             metrics,
         )
         pools.append(appPool)
