@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from OpenSSL import SSL
 from service_identity.exceptions import CertificateError, VerificationError
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import (
     ConnectError,
@@ -47,6 +46,7 @@ from ._client import UpstreamProtocolError
 from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
+from ._twisted_compat import write_buffered
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
@@ -689,25 +689,7 @@ def _clientBuffered(request: Request) -> int | None:
     L{None} where that cannot be known.
     """
     channel = getattr(request, "channel", None)
-    return writeBuffered(getattr(channel, "transport", None))
-
-
-def writeBuffered(transport: object) -> int | None:
-    """
-    The bytes a TCP transport holds for its socket, found under any TLS or
-    PROXY-protocol wrapping; L{None} for transports of other kinds.
-    """
-    for _ in range(4):
-        if isinstance(transport, FileDescriptor):
-            return (
-                len(transport.dataBuffer)
-                - transport.offset
-                + transport._tempDataLen  # type: ignore[attr-defined]
-            )
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return None
-    return None
+    return write_buffered(getattr(channel, "transport", None))
 
 
 def _kind(reason: Failure) -> str:

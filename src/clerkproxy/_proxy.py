@@ -6,9 +6,9 @@ C{--app}) the application's origin for everything else.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -24,6 +24,9 @@ from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
 from .interfaces import IRequestBodyReceiver, IStreamingResource
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = ["AppProxy", "EdgeRouter", "FrontendAPIProxy"]
 
@@ -75,6 +78,14 @@ class _Proxying(Resource):
             timeouts=timeouts,
             location=location,
         )
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the upstream pool: idle connections now, the rest as their
+        requests end; refuse new work.  Call it when your service stops.
+        Fires once the idle connections are shut.
+        """
+        return self.upstream.close().addCallback(lambda _: None)
 
     def target(self, uri: bytes) -> bytes | None:
         """Where C{uri} goes upstream, or L{None} if it is not ours."""
