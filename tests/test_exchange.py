@@ -297,7 +297,7 @@ def test_a_transition_not_in_the_table_is_refused() -> None:
 
     exchange = Exchange.__new__(Exchange)
     exchange._phase = Phase.DONE
-    with pytest.raises(AssertionError, match="done -> relaying|DONE"):
+    with pytest.raises(AssertionError, match="RELAYING"):
         exchange._enter(Phase.RELAYING)
     exchange._phase = Phase.RELAYING
     with pytest.raises(AssertionError):
@@ -365,8 +365,9 @@ def test_a_stalled_body_while_connecting_gets_a_408() -> None:
     )
     rig.clock.advance(5.0)
     assert client_transport.value().startswith(b"HTTP/1.1 408 ")
-    # The connection attempt was given up.
-    assert rig.endpoint.attempts[0][1].called
+    # The request that asked for it is gone: the connection goes unused.
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert upstream_transport.value() == b""
 
 
 def test_the_body_deadline_stops_while_fapi_holds_the_upload_back() -> None:

@@ -188,7 +188,9 @@ class ProxyConfig:
     @ivar upstream_read_timeout: Seconds FAPI's response body may go
         without a byte (while the proxy is not holding FAPI back).
     @ivar send_timeout: Seconds the client may take no byte of a response.
-    @ivar pool_size: Most connections open to FAPI at once; more requests wait.
+    @ivar pool_size: Most FAPI connections at once that are connecting or
+        awaiting an answer's head (relaying ones do not count); more
+        requests wait.
     @ivar pool_idle_timeout: Seconds an unused FAPI connection is kept.
     @ivar app_url: The application's origin for every path outside the
         prefix (the edge box's C{--app}), or L{None} for 404s there.

@@ -46,6 +46,7 @@ from ._client import UpstreamProtocolError
 from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
+from ._interfaces import IStreamingRequest
 from ._twisted_compat import write_buffered
 from .interfaces import IRequestBodyReceiver
 
@@ -310,9 +311,8 @@ class Exchange:
             framing,
             route.dropHeaders,
         )
-        watch = getattr(request, "watchConnection", None)
-        if watch is not None:
-            watch(self.clientLost)
+        if IStreamingRequest.providedBy(request):
+            request.watchConnection(self.clientLost)
         else:
             request.notifyFinish().addErrback(self.clientLost)
         route.upstreamDeadlines.add(self)
@@ -424,9 +424,13 @@ class Exchange:
             route.orphanDeadlines.add(self)
             return
         if phase is RELAYING:
-            # The channel is gone, so unregisterProducer cannot run; drop
-            # the request's reference to us so that no cycle is left.
-            self._request.producer = None
+            request = self._request
+            if request.channel is not None:
+                request.unregisterProducer()
+            else:
+                # The channel is gone, so unregisterProducer cannot run;
+                # drop the request's reference to us: no cycle is left.
+                request.producer = None
         self._done()
         self._stopUpstream()
 
@@ -625,9 +629,11 @@ class Exchange:
     # -- while relaying ----------------------------------------------------
 
     def pauseProducing(self) -> None:
-        if self._phase is not RELAYING:
-            self._uploadPaused = True
-            self._pauseSource()
+        phase = self._phase
+        if phase is not RELAYING:
+            if phase is not DONE and phase is not ORPHANED:
+                self._uploadPaused = True
+                self._pauseSource()
             return
         if self._relayPaused:
             return
@@ -641,9 +647,11 @@ class Exchange:
         route.sendDeadlines.add(self)
 
     def resumeProducing(self) -> None:
-        if self._phase is not RELAYING:
-            self._uploadPaused = False
-            self._resumeSource()
+        phase = self._phase
+        if phase is not RELAYING:
+            if phase is not DONE and phase is not ORPHANED:
+                self._uploadPaused = False
+                self._resumeSource()
             return
         if self._uploadPaused:
             # FAPI answered while its socket was full of our upload: this
