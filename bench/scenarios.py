@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -209,7 +210,27 @@ def settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setti
 # the stand-in FAPI and the contenders
 
 
-def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of one run, free when it starts: not run.py's fixed
+    ones, so that a scenario run and a throughput run can share a machine."""
+
+    upstream: int
+    status: int
+    proxy: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        sockets = [socket.socket() for _ in range(3)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        numbers = [sock.getsockname()[1] for sock in sockets]
+        for sock in sockets:
+            sock.close()
+        return cls(*numbers)
+
+
+def start_upstream(s: harness.Setup, ports: Ports) -> subprocess.Popen[bytes]:
     """The benchmark's stand-in FAPI, patient with a slow proxy.
 
     Like run.py's, plus: it waits up to 10 minutes for the proxy to read an
@@ -227,13 +248,13 @@ def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
     send_timeout 600s;
     client_body_timeout 600s;
     server {{
-        listen 127.0.0.1:{harness.UPSTREAM_PORT} ssl sndbuf=128k;
+        listen 127.0.0.1:{ports.upstream} ssl sndbuf=128k;
         ssl_certificate {s.cert};
         ssl_certificate_key {s.key};
         client_max_body_size 0;
         location /big {{ alias {s.big}; }}
         location /v1/client/sign_ins {{
-            proxy_pass http://127.0.0.1:{harness.STATUS_PORT}/json;
+            proxy_pass http://127.0.0.1:{ports.status}/json;
         }}
         location / {{
             default_type application/json;
@@ -241,7 +262,7 @@ def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
         }}
     }}
     server {{
-        listen 127.0.0.1:{harness.STATUS_PORT};
+        listen 127.0.0.1:{ports.status};
         location /status {{ stub_status; }}
         location /json {{
             default_type application/json;
@@ -250,17 +271,17 @@ def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
     }}
 """
     process = harness.start_nginx(harness.nginx_conf(s.work, "upstream", server))
-    harness.wait_port(harness.UPSTREAM_PORT)
-    harness.wait_port(harness.STATUS_PORT)
+    harness.wait_port(ports.upstream)
+    harness.wait_port(ports.status)
     return process
 
 
 def start_clerkproxy(
-    s: harness.Setup, port: int, log: Path, workers: int, extra: list[str]
+    s: harness.Setup, ports: Ports, log: Path, workers: int, extra: list[str]
 ) -> subprocess.Popen[bytes]:
     options = [
         "--port",
-        f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+        f"tcp:{ports.proxy}:interface=127.0.0.1:backlog=4096",
         "--drain-timeout",
         "2",
     ]
@@ -268,7 +289,9 @@ def start_clerkproxy(
         options += ["--workers", str(workers)]
     argv = [
         "--logfile=" + str(log) if a.startswith("--logfile=") else a
-        for a in harness.clerkproxy_argv(s, options + extra)
+        for a in harness.clerkproxy_argv(
+            s, options + extra, f"https://localhost:{ports.upstream}"
+        )
     ]
     return subprocess.Popen(
         argv,
@@ -279,7 +302,7 @@ def start_clerkproxy(
     )
 
 
-def start_nginx_recipe(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
+def start_nginx_recipe(s: harness.Setup, ports: Ports) -> subprocess.Popen[bytes]:
     """Clerk's nginx recipe as run.py has it, with C{proxy_max_temp_file_size 0}:
     by default nginx spools up to 1 GiB of each answer a client is slow to
     take to a temporary file, which for 1,000 stalled readers of a 64 MiB
@@ -287,11 +310,11 @@ def start_nginx_recipe(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
     like clerkproxy, leaves the rest in the upstream connection."""
     server = f"""
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{ports.proxy} backlog=4096;
         client_max_body_size 0;
         location /__clerk/ {{
             rewrite ^/__clerk/(.*)$ /$1 break;
-            proxy_pass https://localhost:{harness.UPSTREAM_PORT};
+            proxy_pass https://localhost:{ports.upstream};
             proxy_set_header Clerk-Proxy-Url {harness.PROXY_URL};
             proxy_set_header Clerk-Secret-Key {harness.SECRET};
             proxy_set_header X-Forwarded-For $remote_addr;
@@ -630,16 +653,20 @@ def await_baseline(pid: int, baseline: int, limit: float) -> tuple[int, float | 
 
 
 def run_one(
-    scenario: Scenario, contender: str, s: harness.Setup, cfg: Settings
+    scenario: Scenario,
+    contender: str,
+    s: harness.Setup,
+    ports: Ports,
+    cfg: Settings,
 ) -> dict[str, Any]:
-    port = harness.PROXY_PORT
+    port = ports.proxy
     harness.wait_port_free(port)
     log = s.work / f"{scenario.name}-{contender}.log"
     if contender == "nginx-recipe":
-        process = start_nginx_recipe(s, port)
+        process = start_nginx_recipe(s, ports)
     else:
         workers = 2 if contender == "clerkproxy-2w" else 1
-        process = start_clerkproxy(s, port, log, workers, cfg.proxy_args)
+        process = start_clerkproxy(s, ports, log, workers, cfg.proxy_args)
     count = cfg.attackers or (
         scenario.quick_attackers if cfg.quick else scenario.attackers
     )
@@ -651,6 +678,8 @@ def run_one(
     }
     try:
         harness.wait_port(port)
+        if process.poll() is not None:
+            raise RuntimeError(f"{contender} exited at start ({process.returncode})")
         harness.check_answer(port)
         pid = process.pid
         # Warm up: a few concurrent requests, so the pool holds what an
@@ -693,6 +722,7 @@ def run_one(
 
         with Sampler(pid) as sampler:
             asyncio.run(attacked())
+        result["contender_exited"] = process.poll()
         result["peak_fds"] = sampler.peak_fds
         result["peak_rss_mib"] = round(sampler.peak_rss / 1024, 1)
         result["tcp_buffers_mib"] = round(sampler.peak_tcp - sampler.baseline_tcp)
@@ -740,6 +770,33 @@ def table(results: list[dict[str, Any]], cfg: Settings) -> str:
     return "\n".join(lines)
 
 
+def warn_kernel_memory(cfg: Settings) -> None:
+    """Say so when stalled readers may exceed the kernel's TCP memory limits:
+    each can hold up to the largest TCP send buffer (tcp_wmem's third
+    field) on the proxy's side, and past tcp_mem's middle field the kernel
+    slows every connection on the machine."""
+    readers = [s for s in cfg.scenarios if s.name.endswith("readers")]
+    if not readers:
+        return
+    count = cfg.attackers or max(
+        s.quick_attackers if cfg.quick else s.attackers for s in readers
+    )
+    try:
+        wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+        pressure = int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    if count * wmem > pressure * page:
+        print(
+            f"bench: warning: {count} stalled readers may hold up to "
+            f"{count * wmem / 2**30:.1f} GiB of TCP buffers, past the kernel's "
+            f"pressure mark (net.ipv4.tcp_mem: {pressure * page / 2**30:.1f} GiB); "
+            "see docs/performance.md, Kernel memory",
+            flush=True,
+        )
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     cfg = settings(parser, args)
     for tool in ("nginx", "wrk"):
@@ -754,16 +811,18 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     output: Path = args.output
     if output == parser.get_default("output"):
         output = HERE / "results" / "scenarios.md"
+    warn_kernel_memory(cfg)
     work = Path(tempfile.mkdtemp(prefix="clerkproxy-scenarios-"))
     s = harness.make_setup(work, BIG_SIZE)
-    upstream = start_upstream(s)
+    ports = Ports.free()
+    upstream = start_upstream(s, ports)
     results: list[dict[str, Any]] = []
     broken: list[str] = []
     try:
         for scenario in cfg.scenarios:
             for contender in cfg.contenders:
                 started = time.monotonic()
-                r = run_one(scenario, contender, s, cfg)
+                r = run_one(scenario, contender, s, ports, cfg)
                 r["wall_seconds"] = round(time.monotonic() - started, 1)
                 results.append(r)
                 o = r["ordinary"]
@@ -777,10 +836,21 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     f"({r['wall_seconds']} s)",
                     flush=True,
                 )
-                if not r["attack"].get("connected", 1) or not o["statuses"]:
+                if (
+                    not r["attack"].get("connected", 1)
+                    or not o["statuses"]
+                    or r["contender_exited"] is not None
+                ):
                     broken.append(f"{scenario.name} {contender}")
     finally:
         harness.stop(upstream)
+        # Keep clerkproxy's logs beside the report, for the errors column.
+        logs = output.with_name(output.stem + "-logs")
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        for log in work.glob("*.log*"):
+            if "clerkproxy" in log.name:
+                shutil.copy(log, logs)
         shutil.rmtree(work, ignore_errors=True)
     text = table(results, cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -790,6 +860,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     print(text)
     if broken:
         sys.exit(
-            "bench: the attack or the ordinary client never got through in: "
-            + ", ".join(broken)
+            "bench: the contender exited, or the attack or the ordinary client "
+            "never got through, in: " + ", ".join(broken)
         )
