@@ -25,7 +25,19 @@ from zope.interface import implementer
 
 from ._config import ConfigError
 
-__all__ = ["ReloadableServerTLS", "load_trust_root", "server_tls_options"]
+__all__ = [
+    "HTTP_PROTOCOLS",
+    "ReloadableServerTLS",
+    "load_trust_root",
+    "server_tls_options",
+    "tls_options",
+]
+
+#: The application protocols offered by ALPN on every TLS listener, in the
+#: server's order of preference.  This is the one place the list lives: the
+#: single-certificate listener and the SNI listener (which adds
+#: C{acme-tls/1} for ACME challenges) both read it.
+HTTP_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 
 #: Forward-secret AEAD suites only; TLS 1.3's own suites are always on.
 MODERN_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
@@ -64,40 +76,63 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     return root
 
 
-def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
+def tls_options(key: Any, chain: list[x509.Certificate]) -> CertificateOptions:
     """
-    Server-side TLS from a PEM chain (leaf first) and its private key:
-    TLS 1.2 at least, forward-secret ciphers, HTTP/1.1 by ALPN.
+    Server-side TLS for a private key and its chain (leaf first), or with
+    no certificate at all when both are empty: TLS 1.2 at least,
+    forward-secret ciphers, L{HTTP_PROTOCOLS} by ALPN.
+
+    @raise SSL.Error: The key does not match the certificate.
     """
-    _certificates(certPath, "--tls-cert")  # clear errors for a bad file
-    chain = x509.load_pem_x509_certificates(_read(certPath, "--tls-cert"))
-    keyData = _read(keyPath, "--tls-key")
+    # Twisted's annotations name pyOpenSSL's types, but pyOpenSSL takes
+    # cryptography's objects directly (and deprecates its own wrappers).
+    modern: Any = (key, chain[0] if chain else None, chain[1:])
+    options = CertificateOptions(
+        privateKey=modern[0],
+        certificate=modern[1],
+        extraCertChain=modern[2] or None,
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=MODERN_CIPHERS,
+        acceptableProtocols=list(HTTP_PROTOCOLS),
+    )
+    options.getContext()
+    return options
+
+
+def read_certificate_files(
+    certPath: str,
+    keyPath: str,
+    certOption: str = "--tls-cert",
+    keyOption: str = "--tls-key",
+) -> tuple[Any, list[x509.Certificate]]:
+    """The private key and chain in two PEM files, checked to match."""
+    _certificates(certPath, certOption)  # clear errors for a bad file
+    chain = x509.load_pem_x509_certificates(_read(certPath, certOption))
+    keyData = _read(keyPath, keyOption)
     try:
         key = load_pem_private_key(keyData, password=None)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"--tls-key {keyPath} is not a readable PEM private key "
+            f"{keyOption} {keyPath} is not a readable PEM private key "
             "(an encrypted key is not supported)"
         ) from None
-    # Twisted's annotations name pyOpenSSL's types, but pyOpenSSL takes
-    # cryptography's objects directly (and deprecates its own wrappers).
-    modern: Any = (key, chain[0], chain[1:])
-    options = CertificateOptions(
-        privateKey=modern[0],
-        certificate=modern[1],
-        extraCertChain=modern[2],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-        acceptableCiphers=MODERN_CIPHERS,
-        acceptableProtocols=[b"http/1.1"],
-    )
     try:
-        options.getContext()
+        tls_options(key, chain)
     except SSL.Error:
         raise ConfigError(
-            f"--tls-key {keyPath} does not match the certificate in "
-            f"--tls-cert {certPath}"
+            f"{keyOption} {keyPath} does not match the certificate in "
+            f"{certOption} {certPath}"
         ) from None
-    return options
+    return key, chain
+
+
+def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
+    """
+    Server-side TLS from a PEM chain (leaf first) and its private key:
+    TLS 1.2 at least, forward-secret ciphers, L{HTTP_PROTOCOLS} by ALPN.
+    """
+    key, chain = read_certificate_files(certPath, keyPath)
+    return tls_options(key, chain)
 
 
 @implementer(IOpenSSLContextFactory)

@@ -1,0 +1,150 @@
+"""Automatic certificates, against a real Pebble on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from pebble import Pebble, needs_pebble
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from clerkproxy._acme import (
+    HTTP_01,
+    TLS_ALPN_01,
+    AcmeManager,
+    AcmeSettings,
+    Http01Responses,
+)
+from clerkproxy._sni import SNIServerTLS
+
+reactor: Any = _reactor
+pytestmark = needs_pebble
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"hello"
+
+
+class Edge:
+    """A TLS listener (SNI) and a plain one (http-01), as the proxy has."""
+
+    def __init__(self, pebble: Pebble) -> None:
+        self.tls = SNIServerTLS()
+        self.http01 = Http01Responses()
+        root = Resource()
+        wellKnown = Resource()
+        wellKnown.putChild(b"acme-challenge", self.http01)
+        root.putChild(b".well-known", wellKnown)
+        root.putChild(b"hello", Hello())
+        self.site = Site(root)
+        self.tlsPort = reactor.listenSSL(
+            pebble.tlsPort, Site(Hello()), self.tls, interface="127.0.0.1"
+        )
+        self.httpPort = reactor.listenTCP(pebble.httpPort, self.site, interface="127.0.0.1")
+        self.managers: list[AcmeManager] = []
+
+    def manager(self, pebble: Pebble, path: Path, *names: str, **kw: Any) -> AcmeManager:
+        challenges = kw.pop("challenges", (TLS_ALPN_01, HTTP_01))
+        settings = AcmeSettings(
+            domains=names,
+            path=str(path),
+            directory=pebble.directory,
+            email="ops@example.com",
+            ca=pebble.ca,
+            challenges=challenges,
+        )
+        manager = AcmeManager(reactor, settings, self.tls, self.http01, retryBase=0.2, **kw)
+        self.managers.append(manager)
+        return manager
+
+    async def close(self) -> None:
+        for manager in self.managers:
+            manager.stop()
+        await self.tlsPort.stopListening()
+        await self.httpPort.stopListening()
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    server = Pebble(tmp_path / "pebble")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def events() -> Iterator[list[str]]:
+    """What the manager logged, shown when a test fails."""
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "clerkproxy":
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    LOGGED[:] = []
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+LOGGED: list[str] = []
+
+
+async def until(condition: Any, what: str, seconds: float = 60.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def fetch_certificate(port: int, name: str, root: bytes) -> dict[str, Any]:
+    """Handshake as an ordinary client trusting only Pebble's root."""
+    context = ssl.create_default_context(cadata=root.decode("ascii"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
+            peer: dict[str, Any] = tls.getpeercert()
+            peer["der"] = tls.getpeercert(binary_form=True)
+            return peer
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("challenge", [TLS_ALPN_01, HTTP_01])
+async def test_first_certificate(
+    pebble: Pebble, tmp_path: Path, challenge: str, events: list[str]
+) -> None:
+    edge = Edge(pebble)
+    try:
+        name = f"{challenge.replace('-', '')}.example.test"
+        manager = edge.manager(pebble, tmp_path / "acme", name, challenges=(challenge,))
+        # Before a certificate exists, ordinary clients fail cleanly.
+        root = pebble.root()
+        with pytest.raises(ssl.SSLError):
+            await deferToThread(fetch_certificate, pebble.tlsPort, name, root)
+        assert manager.missing() == [name]
+        manager.start()
+        await until(lambda: not manager.missing() or manager.failures, "a try")
+        assert not manager.missing(), (events, pebble.log())
+        peer = await deferToThread(fetch_certificate, pebble.tlsPort, name, root)
+        assert ("DNS", name) in peer["subjectAltName"]
+        assert manager.issued == 1 and manager.failures == 0
+        acme = tmp_path / "acme"
+        assert stat.S_IMODE(os.stat(acme).st_mode) == 0o700
+        for path in [acme / "account.key", *sorted((acme / "certs").iterdir())]:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    finally:
+        await edge.close()
