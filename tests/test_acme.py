@@ -148,3 +148,99 @@ async def test_first_certificate(
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     finally:
         await edge.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_reuses_the_certificate_on_disk(
+    pebble: Pebble, tmp_path: Path, events: list[str]
+) -> None:
+    edge = Edge(pebble)
+    try:
+        name = "restart.example.test"
+        first = edge.manager(pebble, tmp_path / "acme", name)
+        first.start()
+        await until(lambda: not first.missing() or first.failures, "a try")
+        assert not first.missing(), events
+        first.stop()
+        served = await deferToThread(
+            fetch_certificate, pebble.tlsPort, name, pebble.root()
+        )
+        # A new process: a new listener, the same directory.
+        edge.tls = SNIServerTLS()
+        second = edge.manager(pebble, tmp_path / "acme", name)
+        second.start()
+        assert second.missing() == []
+        assert second.issued == 0
+        assert any("using the certificate in" in line for line in events)
+        key = edge.tls._lookup(name)
+        assert key is not None and key.notAfter.timestamp() == pytest.approx(
+            ssl.cert_time_to_seconds(served["notAfter"]), abs=1
+        )
+    finally:
+        await edge.close()
+
+
+def _get(tls: ssl.SSLSocket) -> bytes:
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while not data.endswith(b"hello"):
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewal_swaps_without_dropping_and_failure_keeps_the_old(
+    tmp_path: Path, events: list[str]
+) -> None:
+    pebble = Pebble(tmp_path / "pebble", validity=12)
+    edge = Edge(pebble)
+    failures: list[int] = []
+    try:
+        name = "renew.example.test"
+        manager = edge.manager(
+            pebble,
+            tmp_path / "acme",
+            name,
+            challenges=(HTTP_01,),
+            onFailure=lambda: failures.append(1),
+        )
+        manager.start()
+        await until(lambda: manager.issued or manager.failures, "a try")
+        assert manager.issued == 1, events
+        root = pebble.root()
+        first = await deferToThread(fetch_certificate, pebble.tlsPort, name, root)
+        # A connection open across the renewal keeps working.
+        context = ssl.create_default_context(cadata=root.decode("ascii"))
+
+        def connect() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", pebble.tlsPort), timeout=5)
+            return context.wrap_socket(raw, server_hostname=name)
+
+        kept = await deferToThread(connect)
+        assert (await deferToThread(_get, kept)).endswith(b"hello")
+
+        # Renewal fails while nothing answers http-01: the old certificate stays.
+        await edge.httpPort.stopListening()
+        await until(lambda: manager.failures, "a failed renewal", 30)
+        assert failures
+        assert manager.issued == 1
+        line = [e for e in events if "failed" in e][0]
+        assert name in line and "keeping the current certificate" in line
+        still = await deferToThread(fetch_certificate, pebble.tlsPort, name, root)
+        assert still["der"] == first["der"]
+
+        # http-01 answers again: the next retry renews.
+        edge.httpPort = reactor.listenTCP(
+            pebble.httpPort, edge.site, interface="127.0.0.1"
+        )
+        await until(lambda: manager.issued == 2, "a renewal", 30)
+        renewed = await deferToThread(fetch_certificate, pebble.tlsPort, name, root)
+        assert renewed["der"] != first["der"]
+        assert (await deferToThread(_get, kept)).endswith(b"hello")
+        kept.close()
+    finally:
+        await edge.close()
+        pebble.stop()

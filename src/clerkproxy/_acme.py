@@ -23,7 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-import josepy as jose
+from josepy.b64 import b64encode
+from josepy.interfaces import JSONDeSerializable
+from josepy.jwk import JWKRSA
 from acme import client as acme_client
 from acme import crypto_util, errors, messages
 from cryptography import x509
@@ -191,7 +193,7 @@ class _Directory:
         _private_directory(path)
         _private_directory(os.path.join(path, "certs"))
 
-    def accountKey(self) -> jose.JWKRSA:
+    def accountKey(self) -> JWKRSA:
         path = os.path.join(self.path, "account.key")
         try:
             with open(path, "rb") as f:
@@ -201,7 +203,7 @@ class _Directory:
             _write(path, _pem(key))
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ConfigError(f"{path} is not an RSA key")
-        return jose.JWKRSA(key=key)
+        return JWKRSA(key=key)
 
     def _paths(self, name: str) -> tuple[str, str]:
         base = os.path.join(self.path, "certs", name)
@@ -255,7 +257,7 @@ class _Network(acme_client.ClientNetwork):
         return response
 
 
-class _EmptyObject(jose.JSONDeSerializable):
+class _EmptyObject(JSONDeSerializable):
     """C{{}}: how a challenge is answered (an empty body is a POST-as-GET)."""
 
     def to_partial_json(self) -> dict[str, Any]:
@@ -286,7 +288,7 @@ class _Session:
     one lock keeps the session's calls in sequence.
     """
 
-    def __init__(self, settings: AcmeSettings, accountKey: jose.JWKRSA) -> None:
+    def __init__(self, settings: AcmeSettings, accountKey: JWKRSA) -> None:
         self._settings = settings
         self._key = accountKey
         self._client: acme_client.ClientV2 | None = None
@@ -318,7 +320,7 @@ class _Session:
 
     def keyAuthorization(self, token: str) -> str:
         thumbprint = self._key.public_key().thumbprint(hash_function=hashes.SHA256)
-        return f"{token}.{jose.b64encode(thumbprint).decode('ascii')}"
+        return f"{token}.{b64encode(thumbprint).decode('ascii')}"
 
     def order(self, name: str, key: Any) -> tuple[Any, list[_Pending]]:
         client = self.client()
