@@ -111,7 +111,7 @@ class Pebble:
         if validity is not None:
             config["pebble"]["certificateValidityPeriod"] = validity
         (workdir / "pebble.json").write_text(json.dumps(config))
-        self._log = open(workdir / "pebble.log", "wb")  # noqa: SIM115
+        self._log = open(workdir / "pebble.log", "wb")
         self.logPath = workdir / "pebble.log"
         assert CHALLTESTSRV is not None and PEBBLE is not None
         self._dns = subprocess.Popen(
@@ -160,7 +160,7 @@ class Pebble:
     def root(self) -> bytes:
         """The PEM root every certificate Pebble issues chains to."""
         url = f"https://localhost:{self.managementPort}/roots/0"
-        with urllib.request.urlopen(url, context=self._sslContext) as response:  # noqa: S310
+        with urllib.request.urlopen(url, context=self._sslContext) as response:
             data: bytes = response.read()
         return data
 

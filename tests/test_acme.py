@@ -55,10 +55,14 @@ class Edge:
         self.tlsPort = reactor.listenSSL(
             pebble.tlsPort, Site(Hello()), self.tls, interface="127.0.0.1"
         )
-        self.httpPort = reactor.listenTCP(pebble.httpPort, self.site, interface="127.0.0.1")
+        self.httpPort = reactor.listenTCP(
+            pebble.httpPort, self.site, interface="127.0.0.1"
+        )
         self.managers: list[AcmeManager] = []
 
-    def manager(self, pebble: Pebble, path: Path, *names: str, **kw: Any) -> AcmeManager:
+    def manager(
+        self, pebble: Pebble, path: Path, *names: str, **kw: Any
+    ) -> AcmeManager:
         challenges = kw.pop("challenges", (TLS_ALPN_01, HTTP_01))
         settings = AcmeSettings(
             domains=names,
@@ -68,7 +72,9 @@ class Edge:
             ca=pebble.ca,
             challenges=challenges,
         )
-        manager = AcmeManager(reactor, settings, self.tls, self.http01, retryBase=0.2, **kw)
+        manager = AcmeManager(
+            reactor, settings, self.tls, self.http01, retryBase=0.2, **kw
+        )
         self.managers.append(manager)
         return manager
 

@@ -80,7 +80,9 @@ def _common(cert: x509.Certificate) -> list[str]:
 def test_certificate_by_name(ca: trustme.CA, tls12: bool) -> None:
     server = SNIServerTLS()
     server.install(["a.test"], *_load(ca.issue_cert("a.test")))
-    server.install(["b.test", "www.b.test"], *_load(ca.issue_cert("b.test", "www.b.test")))
+    server.install(
+        ["b.test", "www.b.test"], *_load(ca.issue_cert("b.test", "www.b.test"))
+    )
     assert _common(handshake(server, b"a.test", tls12=tls12)[0]) == ["a.test"]
     assert _common(handshake(server, b"WWW.B.test", tls12=tls12)[0]) == [
         "b.test",
@@ -149,5 +151,7 @@ def test_reload_keeps_old_on_failure(ca: trustme.CA, tmp_path) -> None:
     server.reload()
     after = handshake(server, b"a.test")[0]
     assert after != before
-    assert after.not_valid_after_utc > datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+    assert after.not_valid_after_utc > datetime.datetime(
+        2000, 1, 1, tzinfo=datetime.timezone.utc
+    )
     assert server.expiries()["a.test"] == after.not_valid_after_utc

@@ -23,15 +23,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from josepy.b64 import b64encode
-from josepy.interfaces import JSONDeSerializable
-from josepy.jwk import JWKRSA
 from acme import client as acme_client
 from acme import crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from josepy.b64 import b64encode
+from josepy.interfaces import JSONDeSerializable
+from josepy.jwk import JWKRSA
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThread
@@ -219,9 +219,11 @@ class _Directory:
             chain = x509.load_pem_x509_certificates(pem)
         except (OSError, ValueError, TypeError):
             return None
-        names = chain[0].extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value.get_values_for_type(x509.DNSName)
+        names = (
+            chain[0]
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value.get_values_for_type(x509.DNSName)
+        )
         if name not in [normalise(n) for n in names]:
             return None
         return _Stored(key, chain, pem)
@@ -337,9 +339,8 @@ class _Session:
             }
             chosen = next((k for k in self._settings.challenges if k in offered), None)
             if chosen is None:
-                raise errors.Error(
-                    f"the ACME server offers none of {', '.join(self._settings.challenges)}"
-                )
+                wanted = ", ".join(self._settings.challenges)
+                raise errors.Error(f"the ACME server offers none of {wanted}")
             body = offered[chosen]
             token = body.chall.to_partial_json()["token"]
             pending.append(
@@ -487,7 +488,8 @@ class AcmeManager:
         old = self._timers.pop(name, None)
         if old is not None and old.active():
             old.cancel()
-        self._timers[name] = self._reactor.callLater(max(0.0, delay), self._obtain, name)
+        delay = max(0.0, delay)
+        self._timers[name] = self._reactor.callLater(delay, self._obtain, name)
 
     def renewalDelay(self, stored: _Stored) -> float:
         """Seconds until two thirds of the lifetime, give or take 1/30."""
@@ -553,11 +555,10 @@ class AcmeManager:
                 delay = max(delay, _retry_after(network.retryAfter, self._now()))
                 network.retryAfter = None
             current = self._files.load(name)
-            keeping = (
-                f"keeping the current certificate (expires {current.notAfter.isoformat()})"
-                if current is not None and self._tls.hasCertificate(name)
-                else "no certificate yet"
-            )
+            keeping = "no certificate yet"
+            if current is not None and self._tls.hasCertificate(name):
+                expiry = current.notAfter.isoformat()
+                keeping = f"keeping the current certificate (expires {expiry})"
             _log.error(
                 "ACME: {name}: obtaining a certificate failed ({error}); "
                 "{keeping}; retrying in {delay:.0f}s",
@@ -594,4 +595,3 @@ class AcmeManager:
             self._http01.remove(challenge.token)
         else:
             self._tls.clearChallenge(challenge.name)
-

@@ -116,7 +116,9 @@ class SNIServerTLS:
 
     # -- what the proxy sets ----------------------------------------------
 
-    def install(self, names: Iterable[str], key: Any, chain: list[x509.Certificate]) -> None:
+    def install(
+        self, names: Iterable[str], key: Any, chain: list[x509.Certificate]
+    ) -> None:
         """
         Serve C{chain} with C{key} for C{names} from the next handshake on;
         connections already open keep the certificate they have.
