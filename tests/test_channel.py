@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web import http
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -234,26 +233,6 @@ def test_pipelined_requests_after_a_streamed_one_wait_their_turn() -> None:
     assert resource.rendered == [(b"GET", b"/two", b"")]
     out = transport.value()
     assert out.index(b"one") < out.index(b"plain")
-
-
-def test_channel_private_attributes_exist() -> None:
-    """What _request.py reads from Twisted's channel at gotLength time."""
-    seen: dict[str, Any] = {}
-
-    class Probe(http.Request):
-        def gotLength(self, length: int | None) -> None:
-            seen.update(
-                command=self.channel._command,
-                path=self.channel._path,
-                version=self.channel._version,
-            )
-            http.Request.gotLength(self, length)
-
-    channel = http.HTTPChannel()
-    channel.requestFactory = Probe
-    channel.makeConnection(StringTransport())
-    channel.dataReceived(b"PATCH /p?q HTTP/1.1\r\nContent-Length: 1\r\n\r\n")
-    assert seen == {"command": b"PATCH", "path": b"/p?q", "version": b"HTTP/1.1"}
 
 
 def test_streaming_site_writes_no_combined_log() -> None:

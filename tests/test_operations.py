@@ -430,6 +430,7 @@ async def test_everything_outside_the_prefix_goes_to_the_app(
 async def test_proxy_protocol_v2_with_tls_behind_it(
     make_proxy: Any, fapi: Any, ca: trustme.CA, tmp_path: Path
 ) -> None:
+    from clerkproxy._endpoints import server_endpoint
     from clerkproxy.tap import Options
 
     leaf = ca.issue_cert("app.test")
@@ -450,8 +451,8 @@ async def test_proxy_protocol_v2_with_tls_behind_it(
         ]
     )
     proxy = make_proxy()
-    listening = await options._endpoint(
-        reactor, "haproxy:tcp:0:interface=127.0.0.1"
+    listening = await server_endpoint(
+        reactor, "haproxy:tcp:0:interface=127.0.0.1", options.settings.tls
     ).listen(proxy.site)
     port = listening.getHost().port
 

@@ -12,6 +12,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 
+from ._twisted_compat import request_version
+
 if TYPE_CHECKING:
     from ._site import StreamingSite
 
@@ -187,7 +189,7 @@ class StreamingChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         if header == b"Transfer-Encoding" and (
-            data.lower() != b"chunked" or self._version != b"HTTP/1.1"
+            data.lower() != b"chunked" or request_version(self) != b"HTTP/1.1"
         ):
             return self._failChooseTransferDecoder()
         ok: bool = http.HTTPChannel._maybeChooseTransferDecoder(self, header, data)

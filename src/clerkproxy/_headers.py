@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import Headers, InvalidHeaderName
+
+from ._twisted_compat import encode_header_name, headers_from_raw
 
 __all__ = [
     "APP_DROP",
@@ -59,7 +61,7 @@ def connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
             token = token.strip()
             if token:
                 try:
-                    names.add(_nameEncoder.encode(token))
+                    names.add(encode_header_name(token))
                 except InvalidHeaderName:
                     pass
     return frozenset(names)
@@ -126,7 +128,5 @@ def downstream_headers(
     drop = HOP_BY_HOP | connection_listed(listed) if listed else HOP_BY_HOP
     for name in [n for n in headers if n in drop]:
         del headers[name]
-    out = Headers()
     # Names and values were validated by the upstream client's parser.
-    out._rawHeaders = headers
-    return out
+    return headers_from_raw(headers)

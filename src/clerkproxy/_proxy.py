@@ -5,9 +5,9 @@ C{--app}) the application's origin for everything else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -23,6 +23,9 @@ from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
 from .interfaces import IRequestBodyReceiver, IStreamingResource
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = ["AppProxy", "EdgeRouter", "FrontendAPIProxy"]
 
@@ -62,6 +65,14 @@ class _Proxying(Resource):
             metrics = Metrics()
             metrics.upstreamOpened = lambda: upstream.connectionsOpened
         self.metrics = metrics
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the upstream pool: idle connections now, the rest as their
+        requests end; refuse new work.  Call it when your service stops.
+        Fires once the idle connections are shut.
+        """
+        return self.upstream.close().addCallback(lambda _: None)
 
     def target(self, uri: bytes) -> bytes | None:
         """Where C{uri} goes upstream, or L{None} if it is not ours."""

@@ -8,20 +8,21 @@ L{IStreamingResource}, the body goes to it chunk by chunk and Twisted's
 buffering and form parsing never run.  Any other resource is served exactly
 as Twisted would.
 
-This leans on three private attributes of C{HTTPChannel} (C{_command},
-C{_path}, C{_version}, set from the request line before C{gotLength}); the
-test suite pins them so that a Twisted upgrade that moves them fails loudly.
+The request line is read from C{HTTPChannel}'s private attributes before
+C{gotLength}, through L{clerkproxy._twisted_compat}, where every private
+Twisted name the project uses is kept and pinned by a test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.server import unquote  # type: ignore[attr-defined]
 
+from ._twisted_compat import request_line
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
 __all__ = ["StreamingRequest"]
@@ -62,13 +63,13 @@ class StreamingRequest(server.Request):
             # with no extra work.
             server.Request.gotLength(self, length)
             return
-        target: bytes = channel._path
+        method, target, version = request_line(channel)
         if target[:1] != b"/":
             server.Request.gotLength(self, length)
             return
-        self.method = channel._command
+        self.method = method
         self.uri = target
-        self.clientproto = channel._version
+        self.clientproto = version
         self.path = target.split(b"?", 1)[0]
         self.args = {}
         self.prepath = []

@@ -28,6 +28,7 @@ from ._accesslog import AccessLog
 from ._config import ConfigError
 from ._site import StreamingSite
 from ._tls import ReloadableServerTLS
+from ._twisted_compat import raise_synchronously
 from ._upstream import UpstreamPool
 
 __all__ = ["ProxyService"]
@@ -182,5 +183,5 @@ class ProxyService(Service):
 
 def _listening(endpoint: IStreamServerEndpoint, factory: Any) -> Any:
     service = StreamServerEndpointService(endpoint, factory)
-    service._raiseSynchronously = True  # a port in use must stop start-up
+    raise_synchronously(service)  # a port in use must stop start-up
     return service

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
-from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -16,6 +15,7 @@ from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
 from ._metrics import Metrics
 from ._request import StreamingRequest
+from ._twisted_compat import GenericHTTPChannelProtocol
 
 if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["StreamingSite", "build_site"]
 
 
-def _streamingProtocol(factory: Site) -> _GenericHTTPChannelProtocol:
+def _streamingProtocol(factory: Site) -> GenericHTTPChannelProtocol:
     channel: StreamingChannel = StreamingChannel()  # type: ignore[no-untyped-call]
-    return _GenericHTTPChannelProtocol(channel)
+    return GenericHTTPChannelProtocol(channel)
 
 
 class StreamingSite(Site):
@@ -45,6 +45,37 @@ class StreamingSite(Site):
     requestFactory = StreamingRequest
     draining = False
 
+    def __init__(
+        self,
+        resource: IResource,
+        requestFactory: Any = None,
+        *args: Any,
+        parsePOSTFormSubmission: bool = False,
+        timeout: float | None = None,
+        reactor: IReactorTime | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Serve C{resource}, ready for connections as built: header and idle
+        deadlines at their defaults (10 s and 60 s), fresh L{Metrics}, no
+        access log.  L{configure} (which L{build_site} calls) changes them.
+
+        @param reactor: The clock for deadlines; the global reactor, imported
+            now, if not given.
+        """
+        Site.__init__(
+            self,
+            resource,
+            requestFactory,
+            *args,
+            parsePOSTFormSubmission=parsePOSTFormSubmission,
+            timeout=timeout,
+            reactor=reactor,
+            **kwargs,
+        )
+        self.channels: set[_Channel] = set()
+        self.configure(self.reactor, 10.0, 60.0)
+
     def configure(
         self,
         clock: IReactorTime,
@@ -54,7 +85,6 @@ class StreamingSite(Site):
         accessLog: AccessLog | None = None,
         clientAddress: ClientAddress | None = None,
     ) -> None:
-        self.channels: set[_Channel] = set()
         self.headerDeadlines = Deadlines(clock, headerTimeout)
         self.idleDeadlines = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -138,9 +168,7 @@ def build_site(
     @param access_log: Where to log each request, if anywhere.
     @param client_address: How to find the client's address for the log.
     """
-    site: StreamingSite = StreamingSite(  # type: ignore[no-untyped-call]
-        resource, parsePOSTFormSubmission=False, timeout=None, reactor=reactor
-    )
+    site = StreamingSite(resource, reactor=reactor)
     if metrics is None:
         metrics = getattr(resource, "metrics", None)
     site.configure(

@@ -7,12 +7,11 @@ the option and the file.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import (
     AcceptableCiphers,
@@ -24,6 +23,9 @@ from twisted.internet.ssl import (
 from zope.interface import implementer
 
 from ._config import ConfigError
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = [
     "HTTP_PROTOCOLS",
