@@ -454,6 +454,13 @@ class AcmeManager:
         """The names that have no certificate yet."""
         return [n for n in self.names if not self._tls.hasCertificate(n)]
 
+    def waiting(self) -> str | None:
+        """Why C{/readyz} says not ready: names with no certificate yet."""
+        missing = self.missing()
+        if not missing:
+            return None
+        return "no certificate yet for " + ", ".join(missing)
+
     def start(self) -> None:
         """Serve what is on disk; obtain or schedule the rest."""
         for name in self.names:

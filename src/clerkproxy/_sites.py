@@ -24,10 +24,16 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ._acme import HTTP_01_PREFIX, Http01Responses
-from ._config import ConfigError
+from ._acme import (
+    CHALLENGES,
+    HTTP_01_PREFIX,
+    LETS_ENCRYPT,
+    AcmeSettings,
+    Http01Responses,
+)
+from ._config import ConfigError, ProxyConfig
 from ._errors import respond_error
-from ._sni import normalise
+from ._sni import CertificateFiles, SNIServerTLS, normalise
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
 if sys.version_info >= (3, 11):
@@ -35,7 +41,24 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["EdgeRoot", "FileConfig", "SiteSpec", "load_config", "request_host"]
+__all__ = [
+    "EdgeRoot",
+    "FileConfig",
+    "Site",
+    "SiteSpec",
+    "load_config",
+    "read_sites",
+    "request_host",
+]
+
+
+@attrs.frozen
+class Site:
+    """One site being served: its name, its host names, its proxy."""
+
+    name: str
+    hosts: tuple[str, ...]
+    config: ProxyConfig
 
 
 @attrs.frozen
@@ -121,10 +144,10 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
-def _strings(value: Any, where: str) -> list[str]:
+def _strings(value: Any, where: str, empty: bool = False) -> list[str]:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or not (value or empty):
         raise ConfigError(f"{where} must be a string or a list of strings")
     return [_string(v, where) for v in value]
 
@@ -155,7 +178,7 @@ def load_config(path: str, environ: Mapping[str, str]) -> FileConfig:
             known = ", ".join(sorted([*GLOBAL_KEYS, "acme", "site"]))
             raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
         if key in ("port", "trusted_proxy"):
-            value = _strings(value, f"{where}: {key}")
+            value = _strings(value, f"{where}: {key}", key == "trusted_proxy")
         elif key == "redirect_http":
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: redirect_http must be true or false")
@@ -198,12 +221,15 @@ def _site(path: str, index: int, table: Any, environ: Mapping[str, str]) -> Site
     where = f"--config {path}: site {index + 1}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table ([[site]])")
+    if "secret_key" in table:
+        raise ConfigError(
+            f"{where}: never put the key in the file; name a file holding it "
+            "(secret_key_file) or a variable (secret_key_env)"
+        )
     unknown = sorted(set(table) - SITE_KEYS)
     if unknown:
         known = ", ".join(sorted(SITE_KEYS))
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
-    if "secret_key" in table:
-        raise ConfigError(f"{where}: never put the key in the file")
     proxyURL = _string(table.get("proxy_url"), f"{where}: proxy_url")
     urlHost = urlsplit(proxyURL).hostname
     hosts = table.get("hosts")
@@ -279,6 +305,155 @@ def check_conflicts(
                 f"{flag} {given[flag]!r} conflicts with --config {file.path}, "
                 f"which says {value!r}: give it in one place"
             )
+
+
+def _acme_settings(
+    options: Mapping[str, Any], environ: Mapping[str, str], domains: list[str]
+) -> AcmeSettings:
+    path = options.get("acme-dir")
+    if not path:
+        state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        path = os.path.join(state, "acme") if state else "clerkproxy-acme"
+    ca = options.get("acme-ca") or None
+    if ca is not None:
+        try:
+            open(ca, "rb").close()
+        except OSError as e:
+            raise ConfigError(f"cannot read --acme-ca {ca}: {e.strerror}") from None
+    challenge = options.get("acme-challenge")
+    challenges: tuple[str, ...] = CHALLENGES
+    if challenge:
+        if challenge not in CHALLENGES:
+            raise ConfigError(
+                f"--acme-challenge must be tls-alpn-01 or http-01, got {challenge!r}"
+            )
+        challenges = (challenge,)
+    directory = options.get("acme-directory") or LETS_ENCRYPT
+    if not directory.startswith("https://"):
+        raise ConfigError(f"--acme-directory must be an https URL, got {directory!r}")
+    names = []
+    for domain in domains:
+        name = normalise(domain)
+        if not name or "*" in name or "/" in name or ":" in name:
+            raise ConfigError(f"--acme-domain {domain!r} is not a host name")
+        names.append(name)
+    return AcmeSettings(
+        domains=tuple(dict.fromkeys(names)),
+        path=os.path.abspath(path),
+        directory=directory,
+        email=options.get("acme-email") or None,
+        ca=ca,
+        challenges=challenges,
+    )
+
+
+def is_tls_port(description: str, tls: object | None) -> bool:
+    """Whether a C{--port} terminates TLS (see L{server_endpoint})."""
+    if description.startswith("ssl:"):
+        return True
+    return tls is not None and (
+        description.isdigit() or description.startswith(("tls:", "haproxy:"))
+    )
+
+
+@attrs.define
+class MultiSite:
+    """
+    What C{--config}, C{--acme-*} and C{--redirect-http} add to the
+    single-site settings (see L{read_sites}).
+
+    @ivar options: The options with the file's global settings merged in.
+    @ivar tls: The SNI listener's certificates, when any site has its own
+        certificate or ACME is on.
+    """
+
+    options: dict[str, Any]
+    file: FileConfig | None = None
+    tls: SNIServerTLS | None = None
+    acme: AcmeSettings | None = None
+
+    def sites(self, config: ProxyConfig) -> tuple[Site, ...]:
+        """Each file site's own L{ProxyConfig}, from the first's settings."""
+        if self.file is None:
+            return ()
+        return tuple(
+            Site(
+                spec.name,
+                spec.hosts,
+                attrs.evolve(
+                    config,
+                    proxy_url=spec.proxy_url,
+                    secret_key=spec.secret,
+                    app_url=spec.app,
+                ),
+            )
+            for spec in self.file.sites
+        )
+
+    def redirect(
+        self, ports: Sequence[str], tls: object | None, trusted: Sequence[object]
+    ) -> bool:
+        """
+        C{--redirect-http} as given, or by default: on when there is a TLS
+        listener and a plain one, and no C{--trusted-proxy} (a plain
+        listener behind a trusted proxy is that proxy's TLS, already done).
+        """
+        explicit = self.options.get("redirect-http")
+        if explicit is not None:
+            return bool(explicit)
+        kinds = {is_tls_port(d, tls) for d in ports}
+        return kinds == {True, False} and not trusted
+
+
+def read_sites(options: Mapping[str, Any], environ: Mapping[str, str]) -> MultiSite:
+    """
+    Read C{--config} (if given) and the ACME options; check that the file
+    and the flags do not disagree.
+    """
+    merged = dict(options)
+    configPath = options.get("config")
+    if not configPath:
+        domains = list(options.get("acme-domain") or [])
+        if not domains:
+            return MultiSite(merged)
+        if options.get("tls-cert"):
+            raise ConfigError(
+                "--tls-cert and --acme-domain cannot be combined for one site: "
+                "use one, or --config with a site for each"
+            )
+        return MultiSite(
+            merged, None, SNIServerTLS(), _acme_settings(merged, environ, domains)
+        )
+    file = load_config(configPath, environ)
+    given: dict[str, Any] = {}
+    for flag in [*GLOBAL_KEYS.values(), *ACME_KEYS.values()]:
+        value = options.get(flag[2:])
+        if value is not None and value != []:
+            given[flag] = list(value) if isinstance(value, list) else value
+    check_conflicts(file, given, [o for o in SITE_OPTIONS if options.get(o)])
+    for flag, value in file.options.items():
+        merged[flag[2:]] = value
+    tls: SNIServerTLS | None = None
+    acmeNames: list[str] = []
+    for spec in file.sites:
+        if spec.tls_cert and spec.tls_key:
+            tls = tls or SNIServerTLS()
+            tls.addFiles(
+                CertificateFiles(
+                    spec.hosts,
+                    spec.tls_cert,
+                    spec.tls_key,
+                    f"--config site {spec.name}: tls_cert",
+                    f"--config site {spec.name}: tls_key",
+                )
+            )
+        if spec.acme:
+            acmeNames.extend(spec.hosts)
+    acme = None
+    if acmeNames:
+        tls = tls or SNIServerTLS()
+        acme = _acme_settings(merged, environ, acmeNames)
+    return MultiSite(merged, file, tls, acme)
 
 
 # -- serving ------------------------------------------------------------

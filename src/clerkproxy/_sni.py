@@ -26,9 +26,14 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
 from ._config import ConfigError
-from ._tls import HTTP_PROTOCOLS, read_certificate_files, tls_options
+from ._tls import (
+    HTTP_PROTOCOLS,
+    ReloadableServerTLS,
+    read_certificate_files,
+    tls_options,
+)
 
-__all__ = ["ACME_TLS_1", "CertificateFiles", "SNIServerTLS"]
+__all__ = ["ACME_TLS_1", "CertificateFiles", "SNIServerTLS", "ServerTLS"]
 
 #: RFC 8737's ALPN protocol for tls-alpn-01 validation.
 ACME_TLS_1 = b"acme-tls/1"
@@ -170,3 +175,7 @@ class SNIServerTLS:
 
     def clearChallenge(self, name: str) -> None:
         self._challenges.pop(normalise(name), None)
+
+
+#: What a TLS listener serves: one certificate, or one per name.
+ServerTLS = ReloadableServerTLS | SNIServerTLS
