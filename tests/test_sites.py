@@ -176,7 +176,7 @@ def test_two_sites_with_one_host_are_refused(tmp_path: Path) -> None:
         '[[site]]\nhosts = ["A.test"]\nproxy_url = "https://b.test/__clerk"\n'
         'secret_key_env = "K"\n'
     )
-    with pytest.raises(ConfigError, match="host a.test belongs to two sites"):
+    with pytest.raises(ConfigError, match=r"host a\.test belongs to two sites"):
         load_config(str(config), {"K": KEY_A})
 
 
