@@ -251,3 +251,31 @@ def test_streaming_site_writes_no_combined_log() -> None:
     assert transport.value().endswith(b"plain")
     assert sink.getvalue() == ""
     assert site.acceptableProtocols() == [b"http/1.1"]
+
+
+def test_site_channel_and_request_provide_the_private_hooks() -> None:
+    from zope.interface.verify import verifyObject
+
+    from clerkproxy._interfaces import (
+        IStreamingChannel,
+        IStreamingRequest,
+        IStreamingSite,
+    )
+
+    seen: list[Any] = []
+
+    class Hooked(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(request)
+            return b"ok"
+
+    protocol, transport = connect(Hooked())
+    channel = protocol._channel
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert transport.value().endswith(b"ok")
+    assert verifyObject(IStreamingSite, channel.site)
+    assert verifyObject(IStreamingChannel, channel)
+    assert verifyObject(IStreamingRequest, seen[0])
+    assert channel.site.metrics.inFlight == 0  # requestStarted, then log

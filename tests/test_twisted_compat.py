@@ -141,3 +141,84 @@ def test_raise_synchronously() -> None:
         assert str(e) == "in use"
     else:
         raise AssertionError("startService did not raise")
+
+
+def test_chunked_transfer_decoder() -> None:
+    """_ChunkedTransferDecoder: the size-line step StreamingChannel's
+    subclass wraps, and the buffer it reads the digits from."""
+    assert compat.DECODER_OVERRIDES == ("_buffer", "_dataReceived_CHUNK_LENGTH")
+    got: list[bytes] = []
+    decoder = compat.ChunkedTransferDecoder(got.append, got.append)
+    decoder._buffer += b"5;x=y\r\nhello"
+    assert decoder._dataReceived_CHUNK_LENGTH() is True
+    assert decoder.length == 5 and bytes(decoder._buffer) == b"hello"
+    decoder = compat.ChunkedTransferDecoder(got.append, got.append)
+    decoder._buffer += b"5"
+    assert decoder._dataReceived_CHUNK_LENGTH() is False
+
+
+def test_replace_chunked_decoder() -> None:
+    """HTTPChannel._transferDecoder holds the body decoder once the
+    Transfer-Encoding header is read."""
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    made: list[Any] = []
+
+    class Mine(compat.ChunkedTransferDecoder):  # type: ignore[misc]
+        pass
+
+    def make(data: Any, finish: Any) -> Any:
+        made.append(Mine(data, finish))
+        return made[-1]
+
+    channel.dataReceived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n")
+    channel.dataReceived(b"X: y\r\n")  # Twisted reads a header at the next line
+    compat.replace_chunked_decoder(channel, make)
+    assert made and channel._transferDecoder is made[0]
+    compat.replace_chunked_decoder(channel, make)  # ours already: left alone
+    assert len(made) == 1
+    request = channel.requests[-1]
+    channel.dataReceived(b"\r\n3\r\nabc\r\n0\r\n\r\n")
+    request.content.seek(0)
+    assert request.content.read() == b"abc"
+
+
+def test_no_other_module_imports_private_twisted_names() -> None:
+    """Private Twisted names come in through _twisted_compat only, and
+    production code never uses Twisted's test doubles."""
+    import ast
+    from pathlib import Path
+
+    import clerkproxy
+
+    package = Path(clerkproxy.__file__).parent
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        if path.name == "_twisted_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "twisted"
+            ):
+                module = node.module or ""
+                names = [alias.name for alias in node.names]
+                if (
+                    any(part.startswith("_") for part in module.split("."))
+                    or any(name.startswith("_") for name in names)
+                    or module
+                    in ("twisted.internet.testing", "twisted.test.proto_helpers")
+                ):
+                    offenders.append(f"{path.name}: from {module} import {names}")
+    assert offenders == []
+
+
+def test_clear_tls_options() -> None:
+    """CertificateOptions keeps the OpenSSL options it sets in _options."""
+    from OpenSSL import SSL
+    from twisted.internet.ssl import CertificateOptions
+
+    options = CertificateOptions()
+    assert options._options & SSL.OP_CIPHER_SERVER_PREFERENCE
+    compat.clear_tls_options(options, SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context = options.getContext()
+    assert not context.set_options(0) & SSL.OP_CIPHER_SERVER_PREFERENCE

@@ -88,7 +88,8 @@ def upstream_head(
     The request head for FAPI, ready for the wire: C{Host}, then every
     end-to-end header the client sent (repeated ones in order), then the
     Clerk headers and C{X-Forwarded-For}, which no client value can
-    override, then the framing of the body the proxy will send.
+    override, then the framing of the body the proxy will send.  Header
+    names with an underscore are never forwarded.
 
     The client's values were validated by Twisted's server parser (no CR,
     LF or NUL), so they are copied as they are.
@@ -99,7 +100,10 @@ def upstream_head(
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     append = parts.append
     for name, values in incoming.getAllRawHeaders():
-        if name not in drop:
+        # A name with "_" is dropped, as nginx does: a framework that maps
+        # headers to CGI-style names reads Clerk_Secret_Key and
+        # Clerk-Secret-Key as the same one.
+        if name not in drop and b"_" not in name:
             for value in values:
                 append(name)
                 append(b": ")

@@ -19,6 +19,7 @@ from ._errors import respond_error
 from ._exchange import Exchange
 from ._forwarded import ClientAddress
 from ._headers import APP_DROP, FAPI_DROP, injected_block
+from ._interfaces import IStreamingRequest
 from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
@@ -84,6 +85,9 @@ class _Proxying(Resource):
 
     def render(self, request: Request) -> object:
         """Serve a request whose body (if any) is already buffered."""
+        # The answer carries the upstream's headers and nothing else: no
+        # Content-Type it did not send.
+        request.defaultContentType = None
         target = self.target(request.uri)
         if target is None:
             respond_error(request, 404, "not_found")
@@ -107,6 +111,7 @@ class _Proxying(Resource):
         self, request: Request, length: int | None
     ) -> IRequestBodyReceiver | None:
         """Serve a request as soon as its head is in."""
+        request.defaultContentType = None
         target = self.target(request.uri)
         if target is None:
             respond_error(request, 404, "not_found")
@@ -114,6 +119,9 @@ class _Proxying(Resource):
         if length is not None and length > self.maxBodySize:
             respond_error(request, 413, "proxy_request_too_large")
             return None
+        if length is None and IStreamingRequest.providedBy(request):
+            # The channel refuses a chunk size that would go past this.
+            request.maxBodySize = self.maxBodySize
         transport: Any = request.transport
         exchange = Exchange(self, request, target, length, transport, True)
         exchange.start()

@@ -29,6 +29,7 @@ from ._acme import AcmeManager
 from ._config import ConfigError
 from ._site import StreamingSite
 from ._sni import ServerTLS
+from ._tls import TICKET_KEY_LIFETIME
 from ._twisted_compat import raise_synchronously
 from ._upstream import UpstreamPool
 
@@ -75,6 +76,7 @@ class ProxyService(Service):
         self._admin = _listening(admin[0], admin[1]) if admin is not None else None
         self._terminating = False
         self._draining: Deferred[None] | None = None
+        self._rotation: LoopingCall | None = None
 
     # -- starting ----------------------------------------------------------
 
@@ -89,6 +91,10 @@ class ProxyService(Service):
             raise SystemExit(f"clerkproxy: cannot listen: {e}") from None
         if self._acme is not None:
             self._reactor.callWhenRunning(self._acme.start)
+        if self._tls is not None:
+            self._rotation = LoopingCall(self._tls.rotateTicketKeys)
+            self._rotation.clock = self._reactor
+            self._rotation.start(TICKET_KEY_LIFETIME, now=False)
         if self._installSignals:
             # After the reactor has installed its own handlers.
             self._reactor.callWhenRunning(self._takeSignals)
@@ -143,6 +149,8 @@ class ProxyService(Service):
         Service.stopService(self)
         if self._acme is not None:
             self._acme.stop()
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
         self._site.draining = True
         _log.info(
             "draining: {busy} connections open, up to {timeout}s",

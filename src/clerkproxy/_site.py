@@ -8,11 +8,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from ._accesslog import AccessLog
-from ._channel import StreamingChannel
+from ._channel import MAX_HEAD, MAX_REQUEST_LINE, StreamingChannel
 from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
+from ._interfaces import IStreamingSite
 from ._metrics import Metrics
 from ._request import StreamingRequest
 from ._twisted_compat import GenericHTTPChannelProtocol
@@ -28,6 +30,7 @@ def _streamingProtocol(factory: Site) -> GenericHTTPChannelProtocol:
     return GenericHTTPChannelProtocol(channel)
 
 
+@implementer(IStreamingSite)
 class StreamingSite(Site):
     """
     A C{Site} whose requests stream their bodies to L{IStreamingResource}
@@ -44,6 +47,8 @@ class StreamingSite(Site):
     protocol = _streamingProtocol
     requestFactory = StreamingRequest
     draining = False
+    maxRequestLine = MAX_REQUEST_LINE
+    maxHeaderSize = MAX_HEAD
 
     def __init__(
         self,
@@ -84,7 +89,11 @@ class StreamingSite(Site):
         metrics: Metrics | None = None,
         accessLog: AccessLog | None = None,
         clientAddress: ClientAddress | None = None,
+        maxRequestLine: int = MAX_REQUEST_LINE,
+        maxHeaderSize: int = MAX_HEAD,
     ) -> None:
+        self.maxRequestLine = maxRequestLine
+        self.maxHeaderSize = maxHeaderSize
         self.headerDeadlines = Deadlines(clock, headerTimeout)
         self.idleDeadlines = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -160,6 +169,8 @@ def build_site(
     metrics: Metrics | None = None,
     access_log: AccessLog | None = None,
     client_address: ClientAddress | None = None,
+    max_request_line: int = MAX_REQUEST_LINE,
+    max_header_size: int = MAX_HEAD,
 ) -> StreamingSite:
     """
     A L{StreamingSite} serving C{resource}.
@@ -171,11 +182,21 @@ def build_site(
         (a L{FrontendAPIProxy} has one), else a new one.
     @param access_log: Where to log each request, if anywhere.
     @param client_address: How to find the client's address for the log.
+    @param max_request_line: Longest request line in bytes; 414 above it.
+    @param max_header_size: Largest request head (request line and header
+        lines) in bytes; 431 above it.
     """
     site = StreamingSite(resource, reactor=reactor)
     if metrics is None:
         metrics = getattr(resource, "metrics", None)
     site.configure(
-        reactor, header_timeout, idle_timeout, metrics, access_log, client_address
+        reactor,
+        header_timeout,
+        idle_timeout,
+        metrics,
+        access_log,
+        client_address,
+        max_request_line,
+        max_header_size,
     )
     return site

@@ -59,6 +59,8 @@ def normalise(name: str) -> str:
 class _Served:
     context: SSL.Context
     notAfter: datetime.datetime
+    key: Any
+    chain: list[x509.Certificate]
 
 
 @implementer(IOpenSSLContextFactory)
@@ -76,8 +78,14 @@ class SNIServerTLS:
         self._challenges: dict[str, SSL.Context] = {}
         self._files: list[CertificateFiles] = []
         self._default: str | None = None
-        self._base = self._context(None, [])
-        self._base.set_tlsext_servername_callback(self._onServerName)
+        self._base = self._baseContext()
+
+    def _baseContext(self) -> SSL.Context:
+        # OpenSSL keeps using the first context's session cache and ticket
+        # keys after the switch to a name's context: this one's.
+        base = self._context(None, [])
+        base.set_tlsext_servername_callback(self._onServerName)
+        return base
 
     # -- what the listener asks ------------------------------------------
 
@@ -128,7 +136,9 @@ class SNIServerTLS:
         Serve C{chain} with C{key} for C{names} from the next handshake on;
         connections already open keep the certificate they have.
         """
-        served = _Served(self._context(key, chain), chain[0].not_valid_after_utc)
+        served = _Served(
+            self._context(key, chain), chain[0].not_valid_after_utc, key, chain
+        )
         for name in names:
             name = normalise(name)
             self._served[name] = served
@@ -161,6 +171,20 @@ class SNIServerTLS:
             self.install(files.names, key, chain)
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def rotateTicketKeys(self) -> None:
+        """
+        New handshakes get new contexts: new random session ticket keys and
+        an empty session cache (see L{TICKET_KEY_LIFETIME}).
+        """
+        fresh: dict[int, _Served] = {}
+        for name, served in list(self._served.items()):
+            if id(served) not in fresh:
+                fresh[id(served)] = attrs.evolve(
+                    served, context=self._context(served.key, served.chain)
+                )
+            self._served[name] = fresh[id(served)]
+        self._base = self._baseContext()
 
     def hasCertificate(self, name: str) -> bool:
         return self._lookup(normalise(name)) is not None

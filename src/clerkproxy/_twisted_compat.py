@@ -11,10 +11,11 @@ override are listed here too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.endpoints import _parse
-from twisted.web.http import _GenericHTTPChannelProtocol
+from twisted.web.http import _ChunkedTransferDecoder, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers, _nameEncoder
 
 if TYPE_CHECKING:
@@ -24,12 +25,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANNEL_OVERRIDES",
+    "DECODER_OVERRIDES",
+    "ChunkedTransferDecoder",
     "GenericHTTPChannelProtocol",
     "IOpenSSLTrustRoot",
+    "clear_tls_options",
     "encode_header_name",
     "headers_from_raw",
     "parse_endpoint_description",
     "raise_synchronously",
+    "replace_chunked_decoder",
     "request_line",
     "request_version",
 ]
@@ -45,6 +50,32 @@ CHANNEL_OVERRIDES = (
     "_failChooseTransferDecoder",
     "_send100Continue",
 )
+
+#: Twisted's decoder for chunked request bodies, which
+#: L{clerkproxy._channel.StreamingChannel} subclasses to bound chunk sizes.
+ChunkedTransferDecoder = _ChunkedTransferDecoder
+
+#: What that subclass relies on: C{dataReceived} appends to the
+#: C{bytearray} C{_buffer} and calls C{"_dataReceived_" + state} while it
+#: returns true; C{_dataReceived_CHUNK_LENGTH() -> bool} parses one size
+#: line from the front of C{_buffer} into C{length} and returns true once
+#: it has.
+DECODER_OVERRIDES = ("_buffer", "_dataReceived_CHUNK_LENGTH")
+
+
+def replace_chunked_decoder(
+    channel: Any,
+    make: Callable[[Callable[[bytes], None], Callable[[bytes], None]], Any],
+) -> None:
+    """
+    If C{channel} (an C{HTTPChannel} reading a request head) has just
+    chosen Twisted's chunked decoder for the body (C{_transferDecoder}),
+    put C{make(dataCallback, finishCallback)} in its place.
+    """
+    current = channel._transferDecoder
+    if type(current) is _ChunkedTransferDecoder:
+        channel._transferDecoder = make(current.dataCallback, current.finishCallback)
+
 
 #: The protocol wrapper C{HTTPFactory.protocol} returns, which picks
 #: HTTP/1.1 or HTTP/2 by ALPN around an C{HTTPChannel}.
@@ -96,3 +127,12 @@ def raise_synchronously(service: Any) -> None:
     C{startService} instead of logging it (C{_raiseSynchronously}).
     """
     service._raiseSynchronously = True
+
+
+def clear_tls_options(options: Any, flags: int) -> None:
+    """
+    Keep OpenSSL option C{flags} off in the contexts a C{CertificateOptions}
+    makes (it sets them from C{_options}; pyOpenSSL cannot clear an option
+    on a context once set).
+    """
+    options._options &= ~flags
