@@ -135,7 +135,13 @@ class Pebble:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
+        # No reused authorisations: every order is validated afresh.
+        env = dict(
+            os.environ,
+            PEBBLE_VA_NOSLEEP="1",
+            PEBBLE_WFE_NONCEREJECT="0",
+            PEBBLE_AUTHZREUSE="0",
+        )
         self._pebble = subprocess.Popen(
             [
                 PEBBLE,

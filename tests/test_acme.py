@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 from pebble import Pebble, needs_pebble
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -81,8 +82,8 @@ class Edge:
     async def close(self) -> None:
         for manager in self.managers:
             manager.stop()
-        await self.tlsPort.stopListening()
-        await self.httpPort.stopListening()
+        await maybeDeferred(self.tlsPort.stopListening)
+        await maybeDeferred(self.httpPort.stopListening)
 
 
 @pytest.fixture
