@@ -26,7 +26,7 @@ from ._settings import ServeSettings
 from ._site import build_site
 from ._sites import EdgeRoot
 from ._sni import SNIServerTLS
-from ._upstream import UpstreamPool, app_endpoint
+from ._upstream import UpstreamPool, app_endpoint, pool_counts
 from ._workers import WorkerSupervisor, bind
 
 __all__ = ["build_service", "build_supervisor"]
@@ -59,6 +59,7 @@ def build_service(
         if http01 is not None or settings.redirectHTTP:
             root = EdgeRoot(root, None, http01, settings.redirectHTTP)
     metrics.upstreamOpened = lambda: sum(pool.connectionsOpened for pool in pools)
+    metrics.upstreamPools = lambda: pool_counts(pools)
     tls = settings.tls
     acme = None
     if isinstance(tls, SNIServerTLS):
@@ -86,7 +87,7 @@ def build_service(
     admin = None
     if settings.adminPort:
         admin = (
-            admin_endpoint(reactor, settings.adminPort, index, settings.workers),
+            admin_endpoint(reactor, settings.adminPort),
             admin_site(
                 metrics,
                 lambda: site.draining,
@@ -160,6 +161,12 @@ def build_supervisor(settings: ServeSettings, reactor: Any) -> IService:
     processes that serve them; L{ConfigError} if a port cannot be bound.
     """
     sockets = [(bind(spec), spec) for spec in settings.listenSpecs]
+    admin = admin_endpoint(reactor, settings.adminPort) if settings.adminPort else None
     return WorkerSupervisor(
-        reactor, settings.workers, sockets, settings.argv, settings.drainTimeout
+        reactor,
+        settings.workers,
+        sockets,
+        settings.argv,
+        settings.drainTimeout,
+        admin=admin,
     )

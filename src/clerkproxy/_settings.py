@@ -150,7 +150,7 @@ def read_settings(
         check_port(description, tls)
     adminPort = options["admin-port"] or None
     if adminPort:
-        check_admin_port(adminPort, workers)
+        check_admin_port(adminPort)
     return ServeSettings(
         config=config,
         tls=tls,
