@@ -147,7 +147,7 @@ def _proxy_root(
             origin.base_path,
             fapi.clientAddress,
             config.max_body_size,
-            config.upstream_timeout,
+            config.timeouts,
             metrics,
         )
         pools.append(appPool)

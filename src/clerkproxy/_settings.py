@@ -115,6 +115,9 @@ def read_settings(
         max_body_size=_number(options, "max-body-size", int),
         connect_timeout=_number(options, "connect-timeout", float),
         upstream_timeout=_number(options, "upstream-timeout", float),
+        body_timeout=_number(options, "body-timeout", float),
+        upstream_read_timeout=_number(options, "upstream-read-timeout", float),
+        send_timeout=_number(options, "send-timeout", float),
         app_url=options["app"],
     )
     sites = multi.sites(config)
