@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--attack-duration",
         type=float,
-        help="seconds of ordinary requests under attack (default 120; --quick 3)",
+        help="seconds of ordinary requests under attack (default 120; --quick 2)",
     )
     group.add_argument(
         "--ordinary-rate",
@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--settle",
         type=float,
         help="after the attack, seconds to wait for the contender's fds to reach their baseline "
-        f"(default {POOL_IDLE_TIMEOUT + 15:g}: the pool's idle timeout and a margin; --quick 3)",
+        f"(default {POOL_IDLE_TIMEOUT + 15:g}: the pool's idle timeout and a margin; --quick 1)",
     )
     group.add_argument(
         "--trickle-interval",
@@ -196,10 +196,10 @@ def settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setti
         scenarios=[SCENARIOS[n] for n in dict.fromkeys(names)],
         contenders=contenders,
         attackers=args.attackers,
-        duration=pick(args.attack_duration, 120.0, 3.0),
+        duration=pick(args.attack_duration, 120.0, 2.0),
         rate=args.ordinary_rate,
         timeout=pick(args.ordinary_timeout, 40.0, 10.0),
-        settle=pick(args.settle, POOL_IDLE_TIMEOUT + 15, 3.0),
+        settle=pick(args.settle, POOL_IDLE_TIMEOUT + 15, 1.0),
         interval=args.trickle_interval,
         proxy_args=args.proxy_arg,
         quick=args.quick,
