@@ -94,8 +94,8 @@ class StreamingSite(Site):
     ) -> None:
         self.maxRequestLine = maxRequestLine
         self.maxHeaderSize = maxHeaderSize
-        self.headerDeadlines = Deadlines(clock, headerTimeout)
-        self.idleDeadlines = Deadlines(clock, idleTimeout)
+        self.headerDeadlines: Deadlines[_Channel] = Deadlines(clock, headerTimeout)
+        self.idleDeadlines: Deadlines[_Channel] = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog
@@ -123,8 +123,11 @@ class StreamingSite(Site):
         seconds = self._clock.seconds() - request.startedAt
         metrics = self.metrics
         metrics.inFlight -= 1
+        siteName = getattr(request, "siteName", None)
         if status != 499:
             metrics.finished(request.method, status, seconds)
+            if siteName is not None:
+                metrics.siteFinished(siteName, status)
         accessLog = self.accessLog
         if accessLog is not None:
             client = request.clientAddressText
@@ -144,6 +147,7 @@ class StreamingSite(Site):
                 totalSeconds=seconds,
                 upstreamSeconds=request.upstreamSeconds,
                 reused=request.upstreamReused,
+                site=siteName,
             )
 
     def acceptableProtocols(self) -> list[bytes]:
