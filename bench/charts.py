@@ -25,7 +25,13 @@ def _colour(key: str) -> str:
     return OURS if key.startswith("clerkproxy") else OTHERS
 
 
-def _bars(ax: Any, labels: list[str], values: list[float], colours: list[str]) -> None:
+def _bars(
+    ax: Any,
+    labels: list[str],
+    values: list[float],
+    colours: list[str],
+    log: bool = False,
+) -> None:
     positions = range(len(labels))
     ax.barh(positions, values, color=colours)
     ax.set_yticks(list(positions), labels)
@@ -33,8 +39,13 @@ def _bars(ax: Any, labels: list[str], values: list[float], colours: list[str]) -
     top = max(values, default=0) or 1
     for y, value in zip(positions, values, strict=True):
         text = f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
-        ax.text(value + top * 0.01, y, text, va="center", fontsize=8)
-    ax.set_xlim(0, top * 1.18)
+        x = value * 1.05 if log else value + top * 0.01
+        ax.text(x, y, text, va="center", fontsize=8)
+    if log:
+        ax.set_xscale("log")
+        ax.set_xlim(min(v for v in values if v > 0) / 2, top * 4)
+    else:
+        ax.set_xlim(0, top * 1.18)
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -98,8 +109,8 @@ def render(results: Path, outdir: Path) -> list[Path]:
             cpu.append(row["median"]["cpu_per_1k"] * 1000)
             cpu_colours.append(_colour(key))
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(cpu_labels) + 1.4))
-        _bars(ax, cpu_labels, cpu, cpu_colours)
-        ax.set_title("CPU time per request, µs (lower is better)")
+        _bars(ax, cpu_labels, cpu, cpu_colours, log=True)
+        ax.set_title("CPU time per request, µs, log scale (lower is better)")
         save(fig, "perf-cpu.png")
 
     curves = data.get("idle_curves") or {}
