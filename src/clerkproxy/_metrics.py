@@ -65,6 +65,7 @@ class Metrics:
         self.upstream = Histogram()
         self.inFlight = 0
         self.upstreamErrors: dict[str, int] = {}
+        self.connectionsRejected: dict[str, int] = {}
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
 
@@ -75,6 +76,10 @@ class Metrics:
 
     def upstreamError(self, kind: str) -> None:
         self.upstreamErrors[kind] = self.upstreamErrors.get(kind, 0) + 1
+
+    def connectionRejected(self, reason: str) -> None:
+        rejected = self.connectionsRejected
+        rejected[reason] = rejected.get(reason, 0) + 1
 
 
 class MetricsCollector(Collector):
@@ -124,6 +129,15 @@ class MetricsCollector(Collector):
         for kind, n in sorted(m.upstreamErrors.items()):
             errors.add_metric([kind], n)
         yield errors
+        rejected = CounterMetricFamily(
+            "clerkproxy_connections_rejected",
+            "Client connections closed unserved, by reason (per_client: over "
+            "--max-connections-per-client).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(m.connectionsRejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
 
 
 def _histogram(name: str, documentation: str, h: Histogram) -> Metric:
