@@ -257,8 +257,9 @@ async def test_upstream_errors_are_counted_by_kind(make_proxy: Any, fapi: Any) -
         proxy.port, b"GET /__clerk/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
     assert proxy.site.metrics.upstreamErrors == {"connect": 1}
-    slow = make_proxy(fapi_url=f"https://localhost:{port}", upstream_timeout=0.2)
-    slow.resource.upstream._endpoint = _Never()
+    slow = make_proxy(
+        fapi_url=f"https://localhost:{port}", upstream_timeout=0.2, endpoint=_Never()
+    )
     await raw_request(
         slow.port, b"GET /__clerk/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )

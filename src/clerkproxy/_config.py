@@ -157,7 +157,9 @@ class ProxyConfig:
         (C{HostnameEndpoint} bounds only that; a request's
         C{upstream_timeout} covers the whole wait, TLS handshake included).
     @ivar upstream_timeout: Seconds allowed for FAPI to start answering.
-    @ivar pool_size: Most connections open to FAPI at once; more requests wait.
+    @ivar pool_size: Most FAPI connections at once that are connecting or
+        awaiting an answer's head (relaying ones do not count); more
+        requests wait.
     @ivar pool_idle_timeout: Seconds an unused FAPI connection is kept.
     @ivar app_url: The application's origin for every path outside the
         prefix (the edge box's C{--app}), or L{None} for 404s there.

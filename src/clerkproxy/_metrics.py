@@ -68,6 +68,9 @@ class Metrics:
         self.connectionsRejected: dict[str, int] = {}
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
+        #: Upstream connections by state (connecting, busy, relaying, idle)
+        #: and requests queued for one, summed over the pools on scrape.
+        self.upstreamPools: Callable[[], dict[str, int]] = dict
 
     def finished(self, method: bytes, code: int, seconds: float) -> None:
         key = (method if method in _METHODS else b"other", code)
@@ -122,6 +125,21 @@ class MetricsCollector(Collector):
             "clerkproxy_upstream_connections_opened",
             "Connections opened to the upstreams (FAPI, and the app with --app).",
             value=m.upstreamOpened(),
+        )
+        pools = m.upstreamPools()
+        connections = GaugeMetricFamily(
+            "clerkproxy_upstream_connections",
+            "Upstream connections by state: connecting, busy (sending or awaiting"
+            " the head: these count against pool_size), relaying a body, idle.",
+            labels=["state"],
+        )
+        for state in ("connecting", "busy", "relaying", "idle"):
+            connections.add_metric([state], pools.get(state, 0))
+        yield connections
+        yield GaugeMetricFamily(
+            "clerkproxy_upstream_queued_requests",
+            "Requests waiting for an upstream connection.",
+            value=pools.get("queued", 0),
         )
         errors = CounterMetricFamily(
             "clerkproxy_upstream_errors", "Upstream failures, by kind.", labels=["kind"]

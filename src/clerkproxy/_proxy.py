@@ -65,6 +65,7 @@ class _Proxying(Resource):
         if metrics is None:
             metrics = Metrics()
             metrics.upstreamOpened = lambda: upstream.connectionsOpened
+            metrics.upstreamPools = upstream.counts
         self.metrics = metrics
 
     def close(self) -> Deferred[None]:

@@ -21,7 +21,7 @@ from ._proxy import AppProxy, EdgeRouter, FrontendAPIProxy
 from ._service import ProxyService
 from ._settings import ServeSettings
 from ._site import build_site
-from ._upstream import UpstreamPool, app_endpoint
+from ._upstream import UpstreamPool, app_endpoint, pool_counts
 from ._workers import WorkerSupervisor, bind
 
 __all__ = ["build_service", "build_supervisor"]
@@ -64,6 +64,7 @@ def build_service(
         )
         pools.append(appPool)
     metrics.upstreamOpened = lambda: sum(pool.connectionsOpened for pool in pools)
+    metrics.upstreamPools = lambda: pool_counts(pools)
     accessLog = AccessLog.open(settings.accessLog) if settings.accessLog else None
     root = EdgeRouter(fapi, app) if app is not None else fapi
     site = build_site(
