@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.server import Site
 
 from clerkproxy import build_site
+from clerkproxy._config import Timeouts
 from clerkproxy._endpoints import server_endpoint, valid_proxy_v1_line
 from clerkproxy._forwarded import ClientAddress, valid_host_and_port
 from clerkproxy._metrics import MetricsCollector
@@ -407,7 +408,7 @@ def edge(make_proxy: Any, fapi: Any) -> Any:
             b"",
             resource.clientAddress,
             1 << 20,
-            5.0,
+            Timeouts(5.0),
             resource.metrics,
         )
         return build_site(EdgeRouter(resource, app), clock)

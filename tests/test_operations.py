@@ -32,6 +32,7 @@ from twisted.web.server import Site
 from clerkproxy import build_site
 from clerkproxy._accesslog import AccessLog
 from clerkproxy._admin import admin_site
+from clerkproxy._config import Timeouts
 from clerkproxy._proxy import AppProxy, EdgeRouter
 from clerkproxy._upstream import UpstreamPool, app_endpoint
 
@@ -391,7 +392,7 @@ async def test_everything_outside_the_prefix_goes_to_the_app(
                 b"",
                 resource.clientAddress,
                 1 << 20,
-                5.0,
+                Timeouts(5.0),
                 resource.metrics,
             )
             return build_site(EdgeRouter(resource, app), clock)

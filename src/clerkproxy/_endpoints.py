@@ -38,7 +38,6 @@ from zope.interface import implementer
 from ._config import ConfigError
 from ._forwarded import valid_port
 from ._tls import ReloadableServerTLS
-from ._twisted_compat import parse_endpoint_description
 
 __all__ = [
     "ProxyLineCheck",
@@ -91,25 +90,11 @@ def _plain(reactor: Any, description: str) -> IStreamServerEndpoint:
     return parsed
 
 
-def admin_endpoint(
-    reactor: Any, description: str, index: int, workers: int
-) -> IStreamServerEndpoint:
+def admin_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """
-    The C{--admin-port} endpoint; worker C{index} of C{workers} listens
-    C{index} ports above the one given.
+    The C{--admin-port} endpoint.  With C{--workers} only the supervisor
+    listens on it; each worker answers the supervisor on a private socket.
     """
-    if index or workers > 1:
-        args, kwargs = parse_endpoint_description(description)
-        if not args or args[0] != "tcp" or len(args) != 2 or not args[1].isdigit():
-            raise ConfigError(
-                "with --workers, --admin-port must be tcp:PORT[:interface=...] "
-                "(worker N serves it on PORT+N)"
-            )
-        port = int(args[1]) + index
-        extra = "".join(
-            ":{}={}".format(k, v.replace(":", "\\:")) for k, v in kwargs.items()
-        )
-        description = f"tcp:{port}{extra}"
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
@@ -133,9 +118,9 @@ def check_port(description: str, tls: ReloadableServerTLS | None) -> None:
     server_endpoint(_NoReactor(), description, tls)
 
 
-def check_admin_port(description: str, workers: int) -> None:
+def check_admin_port(description: str) -> None:
     """Raise L{ConfigError} if C{description} is not a usable C{--admin-port}."""
-    admin_endpoint(_NoReactor(), description, 0, workers)
+    admin_endpoint(_NoReactor(), description)
 
 
 def adopted_endpoint(

@@ -21,11 +21,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["Histogram", "Metrics", "MetricsCollector"]
+__all__ = ["TIMEOUT_PHASES", "Histogram", "Metrics", "MetricsCollector"]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Methods counted under their own name; anything else is "other", so a
 #: client cannot grow the label set without bound.
+#: Where a deadline can pass: C{clerkproxy_timeouts_total{phase}}.
+TIMEOUT_PHASES = ("header", "body", "upstream", "upstream_read", "send", "idle")
 _METHODS = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
 )
@@ -65,6 +67,7 @@ class Metrics:
         self.upstream = Histogram()
         self.inFlight = 0
         self.upstreamErrors: dict[str, int] = {}
+        self.timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_PHASES, 0)
         self.connectionsRejected: dict[str, int] = {}
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
@@ -79,6 +82,10 @@ class Metrics:
 
     def upstreamError(self, kind: str) -> None:
         self.upstreamErrors[kind] = self.upstreamErrors.get(kind, 0) + 1
+
+    def timedOut(self, phase: str) -> None:
+        """A deadline passed; C{phase} is one of L{TIMEOUT_PHASES}."""
+        self.timeouts[phase] += 1
 
     def connectionRejected(self, reason: str) -> None:
         rejected = self.connectionsRejected
@@ -147,6 +154,15 @@ class MetricsCollector(Collector):
         for kind, n in sorted(m.upstreamErrors.items()):
             errors.add_metric([kind], n)
         yield errors
+        timeouts = CounterMetricFamily(
+            "clerkproxy_timeouts",
+            "Deadlines that passed, by phase: header, body, upstream, "
+            "upstream_read, send, idle.",
+            labels=["phase"],
+        )
+        for phase, n in m.timeouts.items():
+            timeouts.add_metric([phase], n)
+        yield timeouts
         rejected = CounterMetricFamily(
             "clerkproxy_connections_rejected",
             "Client connections closed unserved, by reason (per_client: over "

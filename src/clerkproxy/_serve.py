@@ -59,7 +59,7 @@ def build_service(
             origin.base_path,
             fapi.clientAddress,
             config.max_body_size,
-            config.upstream_timeout,
+            config.timeouts,
             metrics,
         )
         pools.append(appPool)
@@ -82,7 +82,7 @@ def build_service(
     admin = None
     if settings.adminPort:
         admin = (
-            admin_endpoint(reactor, settings.adminPort, index, settings.workers),
+            admin_endpoint(reactor, settings.adminPort),
             admin_site(metrics, lambda: site.draining, reactor),
         )
     service = ProxyService(
@@ -108,6 +108,12 @@ def build_supervisor(settings: ServeSettings, reactor: Any) -> IService:
     processes that serve them; L{ConfigError} if a port cannot be bound.
     """
     sockets = [(bind(spec), spec) for spec in settings.listenSpecs]
+    admin = admin_endpoint(reactor, settings.adminPort) if settings.adminPort else None
     return WorkerSupervisor(
-        reactor, settings.workers, sockets, settings.argv, settings.drainTimeout
+        reactor,
+        settings.workers,
+        sockets,
+        settings.argv,
+        settings.drainTimeout,
+        admin=admin,
     )

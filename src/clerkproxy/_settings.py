@@ -105,6 +105,9 @@ def read_settings(
         max_body_size=_number(options, "max-body-size", int),
         connect_timeout=_number(options, "connect-timeout", float),
         upstream_timeout=_number(options, "upstream-timeout", float),
+        body_timeout=_number(options, "body-timeout", float),
+        upstream_read_timeout=_number(options, "upstream-read-timeout", float),
+        send_timeout=_number(options, "send-timeout", float),
         app_url=options["app"],
     )
     headerTimeout = _number(options, "header-timeout", float)
@@ -146,7 +149,7 @@ def read_settings(
         check_port(description, tls)
     adminPort = options["admin-port"] or None
     if adminPort:
-        check_admin_port(adminPort, workers)
+        check_admin_port(adminPort)
     return ServeSettings(
         config=config,
         tls=tls,

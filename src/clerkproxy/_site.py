@@ -130,8 +130,8 @@ class StreamingSite(Site):
     ) -> None:
         self.maxRequestLine = maxRequestLine
         self.maxHeaderSize = maxHeaderSize
-        self.headerDeadlines = Deadlines(clock, headerTimeout)
-        self.idleDeadlines = Deadlines(clock, idleTimeout)
+        self.headerDeadlines: Deadlines[_Channel] = Deadlines(clock, headerTimeout)
+        self.idleDeadlines: Deadlines[_Channel] = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog

@@ -71,6 +71,24 @@ class Options(usage.Options):
         ["max-body-size", None, 16 * MiB, "Largest request body relayed, in bytes."],
         ["connect-timeout", None, 10.0, "Seconds to connect to FAPI."],
         ["upstream-timeout", None, 30.0, "Seconds for FAPI to start answering."],
+        [
+            "body-timeout",
+            None,
+            30.0,
+            "Seconds a request body may go without a byte from the client.",
+        ],
+        [
+            "upstream-read-timeout",
+            None,
+            60.0,
+            "Seconds FAPI's response body may go without a byte.",
+        ],
+        [
+            "send-timeout",
+            None,
+            60.0,
+            "Seconds a client may go without taking a byte of its response.",
+        ],
         ["header-timeout", None, 10.0, "Seconds a request head may take to arrive."],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive connection is kept."],
         [
