@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._acme import AcmeSettings
 from ._config import DEFAULT_FAPI, ConfigError, ProxyConfig
 from ._endpoints import check_admin_port, check_port
+from ._sites import Site, read_sites
+from ._sni import ServerTLS
 from ._tls import ReloadableServerTLS, load_trust_root
 from ._workers import ListenSpec, worker_listen_spec
 
@@ -47,10 +50,13 @@ class ServeSettings:
     @ivar maxHeaderSize: C{--max-header-size}, in bytes.
     @ivar maxConnectionsPerClient: C{--max-connections-per-client}; 0 is
         no limit.
+    @ivar sites: With C{--config}, every site (C{config} is the first's).
+    @ivar acme: What C{--acme-*} (or the config file's C{[acme]}) asks for.
+    @ivar redirectHTTP: Whether plain-HTTP requests get a 308 to https.
     """
 
     config: ProxyConfig
-    tls: ReloadableServerTLS | None
+    tls: ServerTLS | None
     fapiCA: str | None
     trustRoot: IOpenSSLTrustRoot | None
     headerTimeout: float
@@ -65,6 +71,9 @@ class ServeSettings:
     maxRequestLine: int = 16 * 1024
     maxHeaderSize: int = 64 * 1024
     maxConnectionsPerClient: int = 0
+    sites: tuple[Site, ...] = ()
+    acme: AcmeSettings | None = None
+    redirectHTTP: bool = False
 
 
 def read_settings(
@@ -74,6 +83,12 @@ def read_settings(
     The settings C{options} (parsed C{twistd clerkproxy} options) and
     C{environ} describe; L{ConfigError} for the first mistake found.
     """
+    multi = read_sites(options, environ)
+    if multi.file is not None:
+        options = multi.options
+        first = multi.file.sites[0]
+        options["proxy-url"], options["app"] = first.proxy_url, first.app
+        environ = {**environ, "CLERK_SECRET_KEY": first.secret}
     proxyURL = options["proxy-url"] or environ.get("CLERK_PROXY_URL")
     if not proxyURL:
         raise ConfigError(
@@ -94,7 +109,9 @@ def read_settings(
     certPath, keyPath = options["tls-cert"], options["tls-key"]
     if bool(certPath) != bool(keyPath):
         raise ConfigError("--tls-cert and --tls-key must be given together")
-    tls = ReloadableServerTLS(certPath, keyPath) if certPath else None
+    tls: ServerTLS | None = multi.tls
+    if tls is None and certPath:
+        tls = ReloadableServerTLS(certPath, keyPath)
     fapiCA = options["fapi-ca"] or None
     trustRoot = load_trust_root(fapiCA) if fapiCA else None
     config = ProxyConfig(
@@ -110,6 +127,7 @@ def read_settings(
         send_timeout=_number(options, "send-timeout", float),
         app_url=options["app"],
     )
+    sites = multi.sites(config)
     headerTimeout = _number(options, "header-timeout", float)
     idleTimeout = _number(options, "idle-timeout", float)
     drainTimeout = _number(options, "drain-timeout", float)
@@ -135,6 +153,11 @@ def read_settings(
             ) from None
     ports = tuple(options["port"] or ["tcp:8080"])
     workers = _workers_count(options["workers"])
+    if workers > 1 and multi.acme is not None:
+        raise ConfigError(
+            "--workers and ACME (--acme-domain, or acme = true in --config) "
+            "cannot be combined: run one process"
+        )
     listenSpecs: tuple[ListenSpec, ...] = ()
     if workers > 1:
         listenSpecs = tuple(
@@ -167,6 +190,9 @@ def read_settings(
         maxRequestLine=maxRequestLine,
         maxHeaderSize=maxHeaderSize,
         maxConnectionsPerClient=maxConnectionsPerClient,
+        sites=sites,
+        acme=multi.acme,
+        redirectHTTP=multi.redirect(ports, tls, config.trusted_proxies),
     )
 
 
