@@ -93,6 +93,24 @@ class Options(usage.Options):
         ["header-timeout", None, 10.0, "Seconds a request head may take to arrive."],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive connection is kept."],
         [
+            "max-request-line",
+            None,
+            16 * 1024,
+            "Longest request line, in bytes (414 above it).",
+        ],
+        [
+            "max-header-size",
+            None,
+            64 * 1024,
+            "Largest request head, in bytes (431 above it).",
+        ],
+        [
+            "max-connections-per-client",
+            None,
+            0,
+            "Open connections allowed per client address; 0 is no limit.",
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
