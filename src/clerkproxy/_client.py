@@ -24,7 +24,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._reader import Event, ResponseHead, ResponseReader, UpstreamProtocolError
+from ._reader import DATA, HEAD, NEED_DATA, ResponseReader, UpstreamProtocolError
 
 __all__ = ["IExchange", "UpstreamConnection", "UpstreamProtocolError"]
 
@@ -311,32 +311,30 @@ class UpstreamConnection(TwistedProtocol):
             except UpstreamProtocolError as e:
                 self._fail(e)
                 return
-            if event is Event.DATA:
+            if event is DATA:
                 exchange: Any = self._exchange
                 exchange.responseData(reader.data)
-            elif event is Event.NEED_DATA:
+            elif event is NEED_DATA:
                 if relayStarted:
                     # The body outlasts the read that brought the head.
                     self._onRelaying(self)
                 return
-            elif event is Event.HEAD:
+            elif event is HEAD:
                 head: Any = reader.head
-                relayStarted = self._headReceived(head)
+                if not head.bodyless:
+                    relayStarted = True
+                    self._state = (
+                        RELAYING_WHILE_SENDING if self._state is SENDING else RELAYING
+                    )
+                exchange = self._exchange
+                exchange.responseStarted(
+                    head.code, head.phrase, head.headers, head.length, head.connection
+                )
             else:
                 self._responseEnded()
                 return
             if self._state is CLOSING:
                 return  # the exchange aborted the connection
-
-    def _headReceived(self, head: ResponseHead) -> bool:
-        """Tell the exchange; whether a body follows."""
-        if not head.bodyless:
-            self._state = RELAYING_WHILE_SENDING if self._state is SENDING else RELAYING
-        exchange: Any = self._exchange
-        exchange.responseStarted(
-            head.code, head.phrase, head.headers, head.length, head.connection
-        )
-        return not head.bodyless
 
     def _responseEnded(self) -> None:
         exchange, self._exchange = self._exchange, None
