@@ -39,8 +39,9 @@ class Owner:
 
 
 def aborted(transport: StringTransport) -> bool:
-    """Whether abortConnection (not loseConnection) was called."""
-    return getattr(transport, "aborted", False) is True
+    """Whether abortConnection (not loseConnection) was called: in
+    StringTransport, only abortConnection sets C{disconnected}."""
+    return transport.disconnected is True
 
 
 def connection() -> tuple[UpstreamConnection, StringTransport, Owner]:
