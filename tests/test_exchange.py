@@ -11,7 +11,7 @@ import pytest
 from test_pool import RESPONSE, FakeEndpoint, serve_one
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -508,11 +508,24 @@ def slow_client(rig: Rig) -> tuple[Any, SlowSocket, Any, StringTransport]:
 
 
 def test_a_client_that_takes_nothing_is_cut_at_the_send_deadline() -> None:
+    from twisted.logger import globalLogPublisher
+
     rig = Rig()
     client, socket, upstream, upstream_transport = slow_client(rig)
     rig.clock.advance(59.9)
     assert not socket.aborted
-    rig.clock.advance(0.1)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        rig.clock.advance(0.1)
+        # Both sockets then report their end, as real ones would.
+        upstream.connectionLost(Failure(ConnectionAborted()))
+        socket.connectionLost(Failure(ConnectionAborted()))
+        client.connectionLost(Failure(ConnectionAborted()))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if e.get("log_failure") or e.get("isError")] == []
+    assert [e.get("log_format") for e in events] == []
     assert socket.aborted
     assert upstream_transport.disconnecting
     assert rig.pool.idleConnections == 0
@@ -525,7 +538,6 @@ def test_a_client_that_takes_nothing_is_cut_at_the_send_deadline() -> None:
         "idle": 0,
     }
     assert rig.proxy.metrics.upstreamErrors == {}
-    client.connectionLost(Failure(ConnectionDone()))  # and nothing breaks
     assert scraped_timeouts(rig) == {
         "header": 0.0,
         "body": 0.0,
