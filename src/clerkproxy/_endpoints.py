@@ -30,7 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ._config import ConfigError
-from ._tls import ReloadableServerTLS
+from ._sni import ServerTLS
 
 __all__ = [
     "admin_endpoint",
@@ -42,7 +42,7 @@ __all__ = [
 
 
 def server_endpoint(
-    reactor: Any, description: str, tls: ReloadableServerTLS | None
+    reactor: Any, description: str, tls: ServerTLS | None
 ) -> IStreamServerEndpoint:
     """A C{--port} value as an endpoint; see the module docstring."""
     if description.startswith("tls:"):
@@ -101,7 +101,7 @@ class _NoReactor:
     """
 
 
-def check_port(description: str, tls: ReloadableServerTLS | None) -> None:
+def check_port(description: str, tls: ServerTLS | None) -> None:
     """Raise L{ConfigError} if C{description} is not a usable C{--port}."""
     server_endpoint(_NoReactor(), description, tls)
 
@@ -112,7 +112,7 @@ def check_admin_port(description: str) -> None:
 
 
 def adopted_endpoint(
-    reactor: Any, fd: int, family: int, kind: str, tls: ReloadableServerTLS | None
+    reactor: Any, fd: int, family: int, kind: str, tls: ServerTLS | None
 ) -> IStreamServerEndpoint:
     """
     An endpoint serving an inherited listening socket C{fd}.  C{kind} is
@@ -132,7 +132,7 @@ def adopted_endpoint(
 class _TLSEndpoint:
     """TLS with the reloadable serving certificate, on any stream endpoint."""
 
-    def __init__(self, inner: IStreamServerEndpoint, tls: ReloadableServerTLS) -> None:
+    def __init__(self, inner: IStreamServerEndpoint, tls: ServerTLS) -> None:
         self._inner = inner
         self._tls = tls
 

@@ -35,6 +35,9 @@ _BODIES = {
         "proxy_bad_request", "The proxy cannot forward this request."
     ),
     "not_found": _body("resource_not_found", "Nothing is served at this path."),
+    "misdirected_request": _body(
+        "misdirected_request", "This server does not serve that host name."
+    ),
 }
 
 

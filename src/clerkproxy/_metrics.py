@@ -9,6 +9,7 @@ reactor, so the request path only touches ints, lists and one C{bisect}.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,6 +71,11 @@ class Metrics:
         self.timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_PHASES, 0)
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
+        # Many sites in one process (--config): responses by site and code.
+        self.siteRequests: dict[tuple[str, int], int] = {}
+        # Certificates: each name's expiry (Unix time), and ACME failures.
+        self.certificateExpiry: Callable[[], dict[str, float]] = dict
+        self.acmeFailures = 0
         #: Upstream connections by state (connecting, busy, relaying, idle)
         #: and requests queued for one, summed over the pools on scrape.
         self.upstreamPools: Callable[[], dict[str, int]] = dict
@@ -78,6 +84,10 @@ class Metrics:
         key = (method if method in _METHODS else b"other", code)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.duration.observe(seconds)
+
+    def siteFinished(self, site: str, code: int) -> None:
+        key = (site, code)
+        self.siteRequests[key] = self.siteRequests.get(key, 0) + 1
 
     def upstreamError(self, kind: str) -> None:
         self.upstreamErrors[kind] = self.upstreamErrors.get(kind, 0) + 1
@@ -149,6 +159,31 @@ class MetricsCollector(Collector):
         for kind, n in sorted(m.upstreamErrors.items()):
             errors.add_metric([kind], n)
         yield errors
+        if m.siteRequests:
+            sites = CounterMetricFamily(
+                "clerkproxy_site_requests",
+                "Requests answered, by site (--config) and status code.",
+                labels=["site", "code"],
+            )
+            for (site, code), n in sorted(m.siteRequests.items()):
+                sites.add_metric([site, str(code)], n)
+            yield sites
+        expiry = m.certificateExpiry()
+        if expiry:
+            now = time.time()
+            family = GaugeMetricFamily(
+                "clerkproxy_certificate_expiry_seconds",
+                "Seconds until each name's serving certificate expires.",
+                labels=["name"],
+            )
+            for name, notAfter in sorted(expiry.items()):
+                family.add_metric([name], notAfter - now)
+            yield family
+        yield CounterMetricFamily(
+            "clerkproxy_acme_failures",
+            "Failed attempts to obtain or renew a certificate over ACME.",
+            value=m.acmeFailures,
+        )
         timeouts = CounterMetricFamily(
             "clerkproxy_timeouts",
             "Deadlines that passed, by phase: header, body, upstream, "
