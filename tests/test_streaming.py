@@ -290,16 +290,27 @@ async def test_untrusted_certificate_is_a_502(make_proxy: Any, fapi: Any) -> Non
     status, _, body = await _error_case(proxy)
     assert status == 502 and body["errors"][0]["code"] == "proxy_request_failed"
     assert fapi.seen == []
+    assert proxy.resource.metrics.upstreamErrors == {"tls": 1}
 
 
 @pytest_twisted.ensureDeferred
-async def test_wrong_hostname_is_a_502(make_proxy: Any, fapi: Any) -> None:
-    port = fapi.port.getHost().port
-    proxy = make_proxy(fapi_url=f"https://127.0.0.2:{port}")
-    # The certificate names localhost and 127.0.0.1, not 127.0.0.2.
-    status, _, body = await _error_case(proxy)
+async def test_wrong_hostname_is_a_502_counted_as_tls(
+    make_proxy: Any, fapi: Any, ca: Any
+) -> None:
+    from conftest import _server_options
+
+    # A server the proxy reaches, with a certificate from the trusted CA,
+    # but for another name than the one the proxy asked for.
+    options = _server_options(ca.issue_cert("wrong.example"))
+    wrong = reactor.listenSSL(0, fapi.site, options, interface="127.0.0.1")
+    try:
+        proxy = make_proxy(fapi_url=f"https://127.0.0.1:{wrong.getHost().port}")
+        status, _, body = await _error_case(proxy)
+    finally:
+        await wrong.stopListening()
     assert status == 502
     assert fapi.seen == []
+    assert proxy.resource.metrics.upstreamErrors == {"tls": 1}
 
 
 @pytest_twisted.ensureDeferred

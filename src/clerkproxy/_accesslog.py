@@ -112,6 +112,7 @@ class AccessLog:
         totalSeconds: float,
         upstreamSeconds: float | None,
         reused: bool | None,
+        site: str | None = None,
     ) -> None:
         record: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
@@ -127,6 +128,8 @@ class AccessLog:
             else round(upstreamSeconds * 1000, 3),
             "upstream_reused": reused,
         }
+        if site is not None:
+            record["site"] = site
         self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ reactor, so the request path only touches ints, lists and one C{bisect}.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,11 +22,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["Histogram", "Metrics", "MetricsCollector"]
+__all__ = ["TIMEOUT_PHASES", "Histogram", "Metrics", "MetricsCollector"]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Methods counted under their own name; anything else is "other", so a
 #: client cannot grow the label set without bound.
+#: Where a deadline can pass: C{clerkproxy_timeouts_total{phase}}.
+TIMEOUT_PHASES = ("header", "body", "upstream", "upstream_read", "send", "idle")
 _METHODS = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
 )
@@ -65,8 +68,15 @@ class Metrics:
         self.upstream = Histogram()
         self.inFlight = 0
         self.upstreamErrors: dict[str, int] = {}
+        self.timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_PHASES, 0)
+        self.connectionsRejected: dict[str, int] = {}
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
+        # Many sites in one process (--config): responses by site and code.
+        self.siteRequests: dict[tuple[str, int], int] = {}
+        # Certificates: each name's expiry (Unix time), and ACME failures.
+        self.certificateExpiry: Callable[[], dict[str, float]] = dict
+        self.acmeFailures = 0
         #: Upstream connections by state (connecting, busy, relaying, idle)
         #: and requests queued for one, summed over the pools on scrape.
         self.upstreamPools: Callable[[], dict[str, int]] = dict
@@ -76,8 +86,20 @@ class Metrics:
         self.requests[key] = self.requests.get(key, 0) + 1
         self.duration.observe(seconds)
 
+    def siteFinished(self, site: str, code: int) -> None:
+        key = (site, code)
+        self.siteRequests[key] = self.siteRequests.get(key, 0) + 1
+
     def upstreamError(self, kind: str) -> None:
         self.upstreamErrors[kind] = self.upstreamErrors.get(kind, 0) + 1
+
+    def timedOut(self, phase: str) -> None:
+        """A deadline passed; C{phase} is one of L{TIMEOUT_PHASES}."""
+        self.timeouts[phase] += 1
+
+    def connectionRejected(self, reason: str) -> None:
+        rejected = self.connectionsRejected
+        rejected[reason] = rejected.get(reason, 0) + 1
 
 
 class MetricsCollector(Collector):
@@ -142,6 +164,49 @@ class MetricsCollector(Collector):
         for kind, n in sorted(m.upstreamErrors.items()):
             errors.add_metric([kind], n)
         yield errors
+        if m.siteRequests:
+            sites = CounterMetricFamily(
+                "clerkproxy_site_requests",
+                "Requests answered, by site (--config) and status code.",
+                labels=["site", "code"],
+            )
+            for (site, code), n in sorted(m.siteRequests.items()):
+                sites.add_metric([site, str(code)], n)
+            yield sites
+        expiry = m.certificateExpiry()
+        if expiry:
+            now = time.time()
+            family = GaugeMetricFamily(
+                "clerkproxy_certificate_expiry_seconds",
+                "Seconds until each name's serving certificate expires.",
+                labels=["name"],
+            )
+            for name, notAfter in sorted(expiry.items()):
+                family.add_metric([name], notAfter - now)
+            yield family
+        yield CounterMetricFamily(
+            "clerkproxy_acme_failures",
+            "Failed attempts to obtain or renew a certificate over ACME.",
+            value=m.acmeFailures,
+        )
+        timeouts = CounterMetricFamily(
+            "clerkproxy_timeouts",
+            "Deadlines that passed, by phase: header, body, upstream, "
+            "upstream_read, send, idle.",
+            labels=["phase"],
+        )
+        for phase, n in m.timeouts.items():
+            timeouts.add_metric([phase], n)
+        yield timeouts
+        rejected = CounterMetricFamily(
+            "clerkproxy_connections_rejected",
+            "Client connections closed unserved, by reason (per_client: over "
+            "--max-connections-per-client).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(m.connectionsRejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
 
 
 def _histogram(name: str, documentation: str, h: Histogram) -> Metric:

@@ -22,7 +22,40 @@ from ._twisted_compat import GenericHTTPChannelProtocol
 if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
 
-__all__ = ["StreamingSite", "build_site"]
+__all__ = ["ClientConnections", "StreamingSite", "build_site"]
+
+
+class ClientConnections:
+    """
+    How many connections each client address has open, for
+    C{--max-connections-per-client}.  The channel decides which address a
+    connection counts under, and when (see L{StreamingChannel}).
+    """
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self._metrics = metrics
+        self._open: dict[bytes, int] = {}
+
+    def admit(self, client: bytes) -> bool:
+        """Count one more connection for C{client}, unless it has its fill."""
+        count = self._open.get(client, 0)
+        if count >= self.limit:
+            self._metrics.connectionRejected("per_client")
+            return False
+        self._open[client] = count + 1
+        return True
+
+    def release(self, client: bytes) -> None:
+        """One connection counted under C{client} has closed."""
+        count = self._open[client] - 1
+        if count:
+            self._open[client] = count
+        else:
+            del self._open[client]
+
+    def count(self, client: bytes) -> int:
+        return self._open.get(client, 0)
 
 
 def _streamingProtocol(factory: Site) -> GenericHTTPChannelProtocol:
@@ -49,6 +82,8 @@ class StreamingSite(Site):
     draining = False
     maxRequestLine = MAX_REQUEST_LINE
     maxHeaderSize = MAX_HEAD
+    #: Open connections per client, when they are limited.
+    clientConnections: ClientConnections | None = None
 
     def __init__(
         self,
@@ -91,16 +126,22 @@ class StreamingSite(Site):
         clientAddress: ClientAddress | None = None,
         maxRequestLine: int = MAX_REQUEST_LINE,
         maxHeaderSize: int = MAX_HEAD,
+        maxConnectionsPerClient: int = 0,
     ) -> None:
         self.maxRequestLine = maxRequestLine
         self.maxHeaderSize = maxHeaderSize
-        self.headerDeadlines = Deadlines(clock, headerTimeout)
-        self.idleDeadlines = Deadlines(clock, idleTimeout)
+        self.headerDeadlines: Deadlines[_Channel] = Deadlines(clock, headerTimeout)
+        self.idleDeadlines: Deadlines[_Channel] = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog
         self._clock = clock
-        self._clientAddress = clientAddress or ClientAddress(())
+        self.clientAddress = self._clientAddress = clientAddress or ClientAddress(())
+        self.clientConnections = (
+            ClientConnections(maxConnectionsPerClient, self.metrics)
+            if maxConnectionsPerClient
+            else None
+        )
 
     def requestStarted(self, request: StreamingRequest) -> None:
         """The request's head is in: it is now in flight."""
@@ -123,8 +164,11 @@ class StreamingSite(Site):
         seconds = self._clock.seconds() - request.startedAt
         metrics = self.metrics
         metrics.inFlight -= 1
+        siteName = getattr(request, "siteName", None)
         if status != 499:
             metrics.finished(request.method, status, seconds)
+            if siteName is not None:
+                metrics.siteFinished(siteName, status)
         accessLog = self.accessLog
         if accessLog is not None:
             client = request.clientAddressText
@@ -144,6 +188,7 @@ class StreamingSite(Site):
                 totalSeconds=seconds,
                 upstreamSeconds=request.upstreamSeconds,
                 reused=request.upstreamReused,
+                site=siteName,
             )
 
     def acceptableProtocols(self) -> list[bytes]:
@@ -167,6 +212,7 @@ def build_site(
     client_address: ClientAddress | None = None,
     max_request_line: int = MAX_REQUEST_LINE,
     max_header_size: int = MAX_HEAD,
+    max_connections_per_client: int = 0,
 ) -> StreamingSite:
     """
     A L{StreamingSite} serving C{resource}.
@@ -181,6 +227,9 @@ def build_site(
     @param max_request_line: Longest request line in bytes; 414 above it.
     @param max_header_size: Largest request head (request line and header
         lines) in bytes; 431 above it.
+    @param max_connections_per_client: How many connections one client
+        address may have open (0: no limit).  The address is the one
+        C{client_address} finds, as for C{X-Forwarded-For}.
     """
     site = StreamingSite(resource, reactor=reactor)
     if metrics is None:
@@ -194,5 +243,6 @@ def build_site(
         client_address,
         max_request_line,
         max_header_size,
+        max_connections_per_client,
     )
     return site
