@@ -162,6 +162,8 @@ class StreamingChannel(HTTPChannel):
     _phase = _HEAD
     _lines = 0
     _headBytes = 0
+    _peer: Any = None
+    _host: Any = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -178,6 +180,21 @@ class StreamingChannel(HTTPChannel):
             self._admission = _AT_FIRST_BYTES
         site.channels.add(self)
         site.headerDeadlines.add(self)
+
+    def getPeer(self) -> Any:
+        # Twisted's Request asks for both addresses on every request; keep
+        # one of each per connection (TCP's getHost is a getsockname call).
+        # Behind haproxy: the addresses are final before connectionMade.
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = HTTPChannel.getPeer(self)
+        return peer
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = HTTPChannel.getHost(self)
+        return host
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         site = self.site
