@@ -138,6 +138,9 @@ def test_unreadable_secret_key_file(tmp_path: Path) -> None:
         (["--port", "tls:tcp:8443"], "--tls-cert"),
         (["--max-body-size", "lots"], "--max-body-size"),
         (["--upstream-timeout", "-1"], "--upstream-timeout"),
+        (["--body-timeout", "0"], "--body-timeout"),
+        (["--upstream-read-timeout", "soon"], "--upstream-read-timeout"),
+        (["--send-timeout", "-5"], "--send-timeout"),
         (["--trusted-proxy", "10.0.0.0/40"], "--trusted-proxy"),
     ],
 )
