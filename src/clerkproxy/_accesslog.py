@@ -104,6 +104,7 @@ class AccessLog:
         totalSeconds: float,
         upstreamSeconds: float | None,
         reused: bool | None,
+        protocol: str = "HTTP/1.1",
     ) -> None:
         record: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
@@ -118,6 +119,7 @@ class AccessLog:
             if upstreamSeconds is None
             else round(upstreamSeconds * 1000, 3),
             "upstream_reused": reused,
+            "protocol": protocol,
         }
         self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
 

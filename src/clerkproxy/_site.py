@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
-from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -14,6 +13,7 @@ from ._accesslog import AccessLog
 from ._channel import StreamingChannel
 from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
+from ._h2 import HTTP2Settings, ProtocolSelector
 from ._metrics import Metrics
 from ._request import StreamingRequest
 
@@ -21,11 +21,6 @@ if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
 
 __all__ = ["StreamingSite", "build_site"]
-
-
-def _streamingProtocol(factory: Site) -> _GenericHTTPChannelProtocol:
-    channel: StreamingChannel = StreamingChannel()  # type: ignore[no-untyped-call]
-    return _GenericHTTPChannelProtocol(channel)
 
 
 class StreamingSite(Site):
@@ -41,9 +36,23 @@ class StreamingSite(Site):
         closes its connection.
     """
 
-    protocol = _streamingProtocol
     requestFactory = StreamingRequest
     draining = False
+    #: HTTP/2 to clients; off unless L{configure} is given settings.
+    http2 = HTTP2Settings(tls=False, h2c=False)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel: Any = StreamingChannel()  # type: ignore[no-untyped-call]
+        channel.factory = self
+        channel.site = self
+        channel.requestFactory = self.requestFactory
+        channel.callLater = self.reactor.callLater
+        channel.timeOut = self.timeOut
+        http2 = self.http2
+        if http2.tls or http2.h2c:
+            # Picks HTTP/2 by ALPN or the client preface, per connection.
+            return ProtocolSelector(self, channel)
+        return channel
 
     def configure(
         self,
@@ -53,6 +62,7 @@ class StreamingSite(Site):
         metrics: Metrics | None = None,
         accessLog: AccessLog | None = None,
         clientAddress: ClientAddress | None = None,
+        http2: HTTP2Settings | None = None,
     ) -> None:
         self.channels: set[_Channel] = set()
         self.headerDeadlines = Deadlines(clock, headerTimeout)
@@ -60,8 +70,11 @@ class StreamingSite(Site):
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog
-        self._clock = clock
+        self._clock = self.clock = clock
         self._clientAddress = clientAddress or ClientAddress(())
+        if http2 is not None:
+            self.http2 = http2
+        self.h2SendDeadlines = Deadlines(clock, self.http2.sendTimeout)
 
     def requestStarted(self, request: StreamingRequest) -> None:
         """The request's head is in: it is now in flight."""
@@ -84,8 +97,9 @@ class StreamingSite(Site):
         seconds = self._clock.seconds() - request.startedAt
         metrics = self.metrics
         metrics.inFlight -= 1
+        protocol = request.clientproto
         if status != 499:
-            metrics.finished(request.method, status, seconds)
+            metrics.finished(request.method, status, seconds, protocol)
         accessLog = self.accessLog
         if accessLog is not None:
             client = request.clientAddressText
@@ -105,10 +119,13 @@ class StreamingSite(Site):
                 totalSeconds=seconds,
                 upstreamSeconds=request.upstreamSeconds,
                 reused=request.upstreamReused,
+                protocol=protocol.decode("ascii", "replace"),
             )
 
     def acceptableProtocols(self) -> list[bytes]:
-        # The streaming request relies on HTTP/1.1 channel semantics.
+        """What TLS offers by ALPN: C{h2} first when HTTP/2 is on."""
+        if self.http2.tls:
+            return [b"h2", b"http/1.1"]
         return [b"http/1.1"]
 
     def drain(self) -> None:
@@ -126,6 +143,7 @@ def build_site(
     metrics: Metrics | None = None,
     access_log: AccessLog | None = None,
     client_address: ClientAddress | None = None,
+    http2: HTTP2Settings | None = None,
 ) -> StreamingSite:
     """
     A L{StreamingSite} serving C{resource}.
@@ -137,6 +155,8 @@ def build_site(
         (a L{FrontendAPIProxy} has one), else a new one.
     @param access_log: Where to log each request, if anywhere.
     @param client_address: How to find the client's address for the log.
+    @param http2: HTTP/2 to clients (by ALPN on TLS, and with C{h2c} on
+        plain connections); off by default.
     """
     site: StreamingSite = StreamingSite(  # type: ignore[no-untyped-call]
         resource, parsePOSTFormSubmission=False, timeout=None, reactor=reactor
@@ -144,6 +164,12 @@ def build_site(
     if metrics is None:
         metrics = getattr(resource, "metrics", None)
     site.configure(
-        reactor, header_timeout, idle_timeout, metrics, access_log, client_address
+        reactor,
+        header_timeout,
+        idle_timeout,
+        metrics,
+        access_log,
+        client_address,
+        http2,
     )
     return site
