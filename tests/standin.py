@@ -119,6 +119,9 @@ class FakeFAPI(Resource):
             request.responseHeaders.addRawHeader(
                 b"Set-Cookie", b"__session=x, y; Path=/"
             )
+        if path.startswith(b"/no-content-type"):
+            request.defaultContentType = None
+            return b"untyped"
         if path.startswith(b"/redirect"):
             request.setResponseCode(302)
             request.setHeader(

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web import http
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -236,26 +235,6 @@ def test_pipelined_requests_after_a_streamed_one_wait_their_turn() -> None:
     assert out.index(b"one") < out.index(b"plain")
 
 
-def test_channel_private_attributes_exist() -> None:
-    """What _request.py reads from Twisted's channel at gotLength time."""
-    seen: dict[str, Any] = {}
-
-    class Probe(http.Request):
-        def gotLength(self, length: int | None) -> None:
-            seen.update(
-                command=self.channel._command,
-                path=self.channel._path,
-                version=self.channel._version,
-            )
-            http.Request.gotLength(self, length)
-
-    channel = http.HTTPChannel()
-    channel.requestFactory = Probe
-    channel.makeConnection(StringTransport())
-    channel.dataReceived(b"PATCH /p?q HTTP/1.1\r\nContent-Length: 1\r\n\r\n")
-    assert seen == {"command": b"PATCH", "path": b"/p?q", "version": b"HTTP/1.1"}
-
-
 def test_streaming_site_writes_no_combined_log() -> None:
     """Twisted's combined log would record session tokens in URLs."""
     import io
@@ -272,3 +251,31 @@ def test_streaming_site_writes_no_combined_log() -> None:
     assert transport.value().endswith(b"plain")
     assert sink.getvalue() == ""
     assert site.acceptableProtocols() == [b"http/1.1"]
+
+
+def test_site_channel_and_request_provide_the_private_hooks() -> None:
+    from zope.interface.verify import verifyObject
+
+    from clerkproxy._interfaces import (
+        IStreamingChannel,
+        IStreamingRequest,
+        IStreamingSite,
+    )
+
+    seen: list[Any] = []
+
+    class Hooked(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(request)
+            return b"ok"
+
+    protocol, transport = connect(Hooked())
+    channel = protocol  # HTTP/2 off: the site builds the channel itself
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert transport.value().endswith(b"ok")
+    assert verifyObject(IStreamingSite, channel.site)
+    assert verifyObject(IStreamingChannel, channel)
+    assert verifyObject(IStreamingRequest, seen[0])
+    assert channel.site.metrics.inFlight == 0  # requestStarted, then log

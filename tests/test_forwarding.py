@@ -19,7 +19,9 @@ from standin import GZIPPED
 def request_bytes(
     method: str, target: str, headers: list[tuple[str, str]] = (), body: bytes = b""
 ) -> bytes:  # type: ignore[assignment]
-    lines = [f"{method} {target} HTTP/1.1", "Host: app.test"]
+    lines = [f"{method} {target} HTTP/1.1"]
+    if not any(n.lower() == "host" for n, _ in headers):
+        lines.append("Host: app.test")
     lines += [f"{n}: {v}" for n, v in headers]
     if body:
         lines.append(f"Content-Length: {len(body)}")

@@ -51,3 +51,41 @@ def test_connections_are_pooled_in_memory_too() -> None:
         memory.flush()
         assert transport.value().startswith(b"HTTP/1.1 200 OK")
     assert memory.connectionsOpened == 1
+
+
+def test_a_streaming_site_built_directly_serves_its_first_connection() -> None:
+    """StreamingSite(resource) works without build_site or configure."""
+    from clerkproxy import StreamingSite
+
+    clock = MemoryReactorClock()
+    memory = MemoryFrontendAPI(RecordingFrontendAPI(), clock)
+    site = StreamingSite(memory.proxy(CONFIG), reactor=clock)
+    client = site.buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    assert len(site.channels) == 1
+    client.dataReceived(b"GET /__clerk/v1/environment HTTP/1.1\r\nHost: a\r\n\r\n")
+    memory.flush()
+    assert transport.value().startswith(b"HTTP/1.1 200 OK")
+    assert site.metrics.inFlight == 0
+    # The default header deadline (10 s) applies to the next request.
+    client.dataReceived(b"GET /__clerk/v1/environment HTTP/1.1\r\n")
+    clock.advance(10)
+    assert b"408 Request Timeout" in transport.value()
+
+
+def test_closing_the_proxy_closes_its_pool() -> None:
+    clock = MemoryReactorClock()
+    memory = MemoryFrontendAPI(RecordingFrontendAPI(), clock)
+    proxy = memory.proxy(CONFIG)
+    site = build_site(proxy, clock)
+    client = site.buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"GET /__clerk/v1/environment HTTP/1.1\r\nHost: a\r\n\r\n")
+    memory.flush()
+    assert memory.connectionsOpened == 1
+    closed = proxy.close()
+    memory.flush()
+    assert closed.called
+    assert proxy.upstream.take() is None  # a closed pool hands out nothing

@@ -97,7 +97,7 @@ async def test_two_workers_both_answer_and_a_dead_one_comes_back(
 
 
 def test_workers_auto_and_bad_values() -> None:
-    from clerkproxy.tap import _workers_count
+    from clerkproxy._settings import _workers_count
 
     assert _workers_count("auto") == (os.cpu_count() or 1)
     assert _workers_count("3") == 3

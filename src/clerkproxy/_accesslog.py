@@ -1,6 +1,7 @@
 """
 The JSON access log: one object per line, with every session token,
-ticket and nonce in the URL replaced by C{REDACTED}.
+ticket, nonce and JWT in the URL replaced by C{REDACTED}, however the
+client spelled or encoded it.
 
 It never writes headers: not the secret key, not cookies, not
 C{Authorization}.  Only the method, the redacted target and numbers leave
@@ -14,69 +15,76 @@ import re
 import sys
 import time
 from typing import IO, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote_plus
 
 __all__ = ["REDACTED", "AccessLog", "redact_target"]
 
 REDACTED = "REDACTED"
 
-#: Query parameters whose values are credentials of some kind.
+#: Names whose values are credentials of some kind, matched without regard
+#: to case wherever they appear in the target (path, query, fragment, or a
+#: URL nested in a parameter).
 SENSITIVE = frozenset(
     {
         "__session",
         "__clerk_db_jwt",
         "__clerk_handshake",
+        "__clerk_handshake_nonce",
         "__clerk_ticket",
         "__clerk_testing_token",
         "__client",
         "rotating_token_nonce",
-        "__clerk_handshake_nonce",
     }
 )
-#: Parameters whose values are URLs that may embed the above.
-URL_VALUED = frozenset(
-    {
-        "__clerk_redirect_url",
-        "redirect_url",
-        "sign_in_force_redirect_url",
-        "sign_up_force_redirect_url",
-    }
-)
-_JWT = re.compile(r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
-_MAX_DEPTH = 3
+_NAMES = "|".join(re.escape(name) for name in sorted(SENSITIVE, key=len, reverse=True))
+# A name, an "=" (spaces allowed around it), and everything up to the next
+# separator of any kind: "&", ";", "#", white space.
+_CREDENTIAL = re.compile(rf"({_NAMES})(\s*=\s*)[^&;#\s]*", re.IGNORECASE)
+# Anything that starts like a JWT (base64url of '{"'), with its dot-joined
+# segments, whatever it is called.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]*)*")
+#: How many rounds of percent-decoding a target gets before it is judged
+#: too deep to read and logged as C{REDACTED} whole.
+_MAX_ROUNDS = 8
+# What is written as it is; every other character is percent-encoded, so
+# the line holds no control characters or raw non-ASCII bytes.
+_PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))
 
 
-def _redact_query(query: str, depth: int) -> str:
-    parts = []
-    for pair in query.split("&"):
-        name, eq, value = pair.partition("=")
-        key = unquote(name.replace("+", " "))
-        if not eq:
-            parts.append(_JWT.sub(REDACTED, pair))
-        elif key in SENSITIVE:
-            parts.append(f"{name}={REDACTED}")
-        elif key in URL_VALUED and depth < _MAX_DEPTH:
-            inner = unquote(value.replace("+", " "))
-            parts.append(f"{name}={quote(_redact_url(inner, depth + 1), safe='')}")
-        else:
-            parts.append(f"{name}={_JWT.sub(REDACTED, value)}")
-    return "&".join(parts)
-
-
-def _redact_url(url: str, depth: int) -> str:
-    base, question, query = url.partition("?")
-    query, hashMark, fragment = query.partition("#")
-    base = _JWT.sub(REDACTED, base)
-    if question:
-        base += "?" + _redact_query(query, depth)
-    if hashMark:
-        base += "#" + _JWT.sub(REDACTED, fragment)
-    return base
+def _decoded(text: str) -> str | None:
+    """C{text} percent- and plus-decoded until it no longer changes."""
+    for _ in range(_MAX_ROUNDS):
+        if "%" not in text and "+" not in text:
+            return text
+        decoded = unquote_plus(text, encoding="latin-1")
+        if decoded == text:
+            return text
+        text = decoded
+    return None
 
 
 def redact_target(target: bytes) -> str:
-    """The request target with credentials replaced by C{REDACTED}."""
-    return _redact_url(target.decode("latin-1"), 0)
+    """
+    The request target with credentials replaced by C{REDACTED}.
+
+    The target is decoded first, as many times as it takes to stop
+    changing (so C{__session%3D...}, C{%5F%5Fsession=}, a double-encoded
+    C{redirect_url} and a JWT whose dots are C{%2E} all look like what they
+    are), then every sensitive name's value and every JWT-shaped value is
+    replaced.  What is logged is that decoded, redacted form, with anything
+    but printable ASCII percent-encoded again: decoding the logged text
+    cannot bring a credential back.
+    """
+    text = _decoded(target.decode("latin-1"))
+    if text is None:
+        return REDACTED
+    text = _CREDENTIAL.sub(rf"\g<1>\g<2>{REDACTED}", text)
+    text = _JWT.sub(REDACTED, text)
+    if all(c in _PRINTABLE for c in text):
+        return text
+    return "".join(
+        c if c in _PRINTABLE else quote(c, safe="", encoding="latin-1") for c in text
+    )
 
 
 class AccessLog:

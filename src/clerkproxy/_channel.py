@@ -6,31 +6,115 @@ slow clients cannot stretch, and the bookkeeping a graceful drain needs.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
+from zope.interface import implementer
+
+from ._interfaces import IStreamingChannel, IStreamingRequest
+from ._twisted_compat import (
+    ChunkedTransferDecoder,
+    replace_chunked_decoder,
+    request_version,
+)
 
 if TYPE_CHECKING:
     from ._site import StreamingSite
 
-__all__ = ["MAX_HEAD", "MAX_REQUEST_LINE", "StreamingChannel"]
+__all__ = [
+    "MAX_CHUNK_SIZE_DIGITS",
+    "MAX_HEAD",
+    "MAX_HEADER_LINES",
+    "MAX_REQUEST_LINE",
+    "StreamingChannel",
+]
 
-#: Largest request line (414 above it) and request head (431 above it).
-MAX_REQUEST_LINE = 8 * 1024
-MAX_HEAD = 16 * 1024
+#: Default largest request line (414 above it) and request head (431 above
+#: it); C{--max-request-line} and C{--max-header-size} change them.
+MAX_REQUEST_LINE = 16 * 1024
+MAX_HEAD = 64 * 1024
+#: Most header lines in one request head (431 above it).
+MAX_HEADER_LINES = 100
+#: Most hex digits in a chunk size: 16 is already 2**64 - 1.
+MAX_CHUNK_SIZE_DIGITS = 16
+
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]*").match
+# Control bytes other than HTAB (NUL, CR and LF included, which Twisted
+# refuses too) and DEL.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+# RFC 9112 section 3.2 / RFC 3986: uri-host [ ":" port ], where uri-host is
+# an IP literal in brackets or a reg-name (which covers IPv4 addresses).
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?\Z"
+).match
 
 # Where a connection is between requests; each phase has its own deadline.
 _HEAD, _BUSY, _IDLE = range(3)
 
 _RESPONSES = {
+    400: b"HTTP/1.1 400 Bad Request\r\n",
     408: b"HTTP/1.1 408 Request Timeout\r\n",
     414: b"HTTP/1.1 414 URI Too Long\r\n",
+    413: b"HTTP/1.1 413 Content Too Large\r\n",
     431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
 }
 
 
+class _BoundedChunkedDecoder(ChunkedTransferDecoder):
+    """
+    Twisted's chunked decoder, refusing chunk sizes no honest client sends:
+    more than 16 hex digits (a parser that wraps at 64 bits would read
+    C{10000000000000005} as 5, and a front proxy that does could then
+    disagree with us about where the body ends), or a size that takes the
+    body past the limit the request's resource set.
+
+    The check runs on the digits as they arrive, before the line is
+    complete and before any of the chunk's data is passed on.  A refused
+    body is not an error Twisted sees: the channel answers, and every
+    byte after that is dropped.
+    """
+
+    def __init__(
+        self,
+        dataCallback: Callable[[bytes], None],
+        finishCallback: Callable[[bytes], None],
+        refuse: Callable[[int], None],
+        limit: Callable[[], int | None],
+    ) -> None:
+        ChunkedTransferDecoder.__init__(self, dataCallback, finishCallback)
+        self._refuse = refuse
+        self._limit = limit
+        self._announced = 0
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        match = _HEX_DIGITS(self._buffer)
+        if match is not None and match.end() > MAX_CHUNK_SIZE_DIGITS:
+            return self._refused(400)
+        if not ChunkedTransferDecoder._dataReceived_CHUNK_LENGTH(self):
+            return False
+        self._announced += self.length
+        limit = self._limit()
+        if limit is not None and self._announced > limit:
+            return self._refused(413)
+        return True
+
+    def _refused(self, status: int) -> bool:
+        self.state = "REFUSED"
+        del self._buffer[:]
+        self._refuse(status)
+        return False
+
+    def _dataReceived_REFUSED(self) -> bool:
+        del self._buffer[:]
+        return False
+
+
+@implementer(IStreamingChannel)
 class StreamingChannel(http.HTTPChannel):
     """
     Twisted already rejects with 400: differing, repeated or signed
@@ -40,7 +124,17 @@ class StreamingChannel(http.HTTPChannel):
 
      - 400 for any transfer coding but C{chunked} (C{identity} included),
        and for C{Transfer-Encoding} on an HTTP/1.0 request;
-     - 414 for a request line over 8 KiB, 431 for a head over 16 KiB;
+     - 400 for an HTTP/1.1 request without C{Host}, for any request with
+       more than one C{Host} or one that is not a host and optional port
+       (RFC 9112 section 3.2);
+     - 400 for obsolete line folding (a header line starting with a space
+       or tab; RFC 9112 section 5.2 lets a proxy refuse it), and for any
+       control byte but tab, or DEL, in the head;
+     - 400 for a chunk size of more than 16 hex digits, and 413 for one that
+       takes the body past the resource's limit, before any of its data is
+       passed on;
+     - 414 for a request line over C{site.maxRequestLine}, 431 for a head
+       over C{site.maxHeaderSize} or with more than 100 header lines;
      - the header deadline: a request head must arrive in full within
        C{header_timeout} of its first byte (or of the connection), however
        slowly it trickles in; 408 and close otherwise;
@@ -54,6 +148,9 @@ class StreamingChannel(http.HTTPChannel):
     MAX_LENGTH = MAX_HEAD
     # Ours are stricter and answer 414/431; Twisted's answer a bare 400.
     totalHeadersSize = 1 << 20
+    maxHeaders = MAX_HEADER_LINES + 1
+    _maxRequestLine = MAX_REQUEST_LINE
+    _maxHead = MAX_HEAD
 
     site: StreamingSite
     _discarding = False
@@ -66,6 +163,12 @@ class StreamingChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         http.HTTPChannel.connectionMade(self)
         site = self.site
+        self._maxRequestLine = site.maxRequestLine
+        self._maxHead = site.maxHeaderSize
+        # LineReceiver's own limit only has to catch what ours cannot see:
+        # a line that never ends.
+        self.MAX_LENGTH = max(self._maxHead, self._maxRequestLine)
+        self.totalHeadersSize = 2 * self.MAX_LENGTH
         site.channels.add(self)
         site.headerDeadlines.add(self)
 
@@ -133,12 +236,22 @@ class StreamingChannel(http.HTTPChannel):
                 # A stray CRLF before a request; Twisted tolerates one.
                 http.HTTPChannel.lineReceived(self, line)
                 return
-            if len(line) > MAX_REQUEST_LINE:
+            if len(line) > self._maxRequestLine:
                 self._refuse(414)
+                return
+        elif line:
+            if line[0] in b" \t":
+                self._refuse(400)  # obs-fold
+                return
+            if _CONTROL(line) is not None:
+                self._refuse(400)
+                return
+            if self._lines > MAX_HEADER_LINES:
+                self._refuse(431)
                 return
         self._lines += 1
         self._headBytes += len(line) + 2
-        if self._headBytes > MAX_HEAD:
+        if self._headBytes > self._maxHead:
             self._refuse(431)
             return
         http.HTTPChannel.lineReceived(self, line)
@@ -153,6 +266,12 @@ class StreamingChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._phase = _BUSY
         self.site.headerDeadlines.remove(self)
+        hosts = self.requests[-1].requestHeaders.getRawHeaders(b"Host")
+        if (hosts is None and self._version == b"HTTP/1.1") or (
+            hosts is not None and (len(hosts) != 1 or not _HOST(hosts[0]))
+        ):
+            self._refuse(400)
+            return
         http.HTTPChannel.allHeadersReceived(self)
 
     def allContentReceived(self) -> None:
@@ -199,8 +318,30 @@ class StreamingChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         if header == b"Transfer-Encoding" and (
-            data.lower() != b"chunked" or self._version != b"HTTP/1.1"
+            data.lower() != b"chunked" or request_version(self) != b"HTTP/1.1"
         ):
             return self._failChooseTransferDecoder()
         ok: bool = http.HTTPChannel._maybeChooseTransferDecoder(self, header, data)
+        if ok and header == b"Transfer-Encoding":
+            request = self.requests[-1]
+            streaming = IStreamingRequest.providedBy(request)
+
+            def limit() -> int | None:
+                return request.maxBodySize if streaming else None
+
+            replace_chunked_decoder(
+                self,
+                lambda data, finish: _BoundedChunkedDecoder(
+                    data, finish, self._refuseBody, limit
+                ),
+            )
         return ok
+
+    def _refuseBody(self, status: int) -> None:
+        """
+        A chunk size was refused: the request's resource (which may have
+        sent the head on already) gives up, and the client gets C{status}.
+        """
+        request = self.requests[-1]
+        if not IStreamingRequest.providedBy(request) or not request.refuseBody(status):
+            self._refuse(status)

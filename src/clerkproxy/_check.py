@@ -27,6 +27,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
 from ._config import ConfigError
+from ._settings import ServeSettings, read_settings
 from .tap import Options
 
 __all__ = ["CheckOptions", "run_checks"]
@@ -65,11 +66,12 @@ class CheckOptions(Options):
         ],
     ]
 
+    configError: str | None = None
+
     def postOptions(self) -> None:
         # Configuration errors are the first check's to report.
-        self.configError: str | None = None
         try:
-            self._configure(_environ())
+            self.settings = read_settings(self, _environ(), self.argv)
         except ConfigError as e:
             self.configError = str(e)
 
@@ -96,9 +98,21 @@ class Result:
 
 
 async def run_checks(
-    reactor: Any, options: CheckOptions, say: Callable[[str], object] = print
+    reactor: Any,
+    settings: ServeSettings | None,
+    configError: str | None = None,
+    public: str | None = None,
+    domainId: str | None = None,
+    say: Callable[[str], object] = print,
 ) -> int:
-    """Run every check that can run; the number that failed."""
+    """
+    Run every check that can run; the number that failed.
+
+    @param settings: What C{twistd clerkproxy} would serve, or L{None} if
+        the configuration is wrong, as C{configError} says.
+    @param public: The public proxy URL to test, if not the proxy URL.
+    @param domainId: The Clerk domain id, for C{/v1/proxy-health}.
+    """
     results: list[Result] = []
 
     def record(result: Result) -> bool:
@@ -106,14 +120,11 @@ async def run_checks(
         say(result.line())
         return result.ok
 
-    if options.configError is not None:
-        record(
-            Result(
-                "configuration", False, options.configError, "see docs/configuration.md"
-            )
-        )
+    if settings is None:
+        detail = configError or "no configuration"
+        record(Result("configuration", False, detail, "see docs/configuration.md"))
         return 1
-    config = options.config
+    config = settings.config
     record(
         Result(
             "configuration",
@@ -124,13 +135,11 @@ async def run_checks(
     host, port = config.fapi_host, config.fapi_port
     ok = record(await _dns(host, port))
     ok = ok and record(await _tcp(host, port, config.connect_timeout))
-    ok = ok and record(
-        await _tls(host, port, options["fapi-ca"], config.connect_timeout)
-    )
+    ok = ok and record(await _tls(host, port, settings.fapiCA, config.connect_timeout))
     if ok:
-        record(await _fapi(reactor, options))
-    public = options["public"] or config.proxy_url
-    record(await _public(reactor, public.rstrip("/"), options["domain-id"]))
+        record(await _fapi(reactor, settings))
+    public = public or config.proxy_url
+    record(await _public(reactor, public.rstrip("/"), domainId))
     failed = sum(not r.ok for r in results)
     say(
         f"clerkproxy check: all {len(results)} checks passed"
@@ -202,10 +211,10 @@ async def _tls(host: str, port: int, caFile: str | None, timeout: float) -> Resu
     return Result("tls", True, detail)
 
 
-async def _fapi(reactor: Any, options: CheckOptions) -> Result:
-    config = options.config
+async def _fapi(reactor: Any, settings: ServeSettings) -> Result:
+    config = settings.config
     url = config.fapi_url.rstrip("/") + "/v1/environment"
-    policy = BrowserLikePolicyForHTTPS(trustRoot=options.trustRoot)
+    policy = BrowserLikePolicyForHTTPS(trustRoot=settings.trustRoot)
     client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
     headers: Any = {
         b"Clerk-Proxy-Url": [config.proxy_url_header],
@@ -333,7 +342,15 @@ def main(argv: Sequence[str]) -> int:
     outcome: list[int] = []
 
     async def go(reactor: Any) -> None:
-        outcome.append(await run_checks(reactor, options))
+        outcome.append(
+            await run_checks(
+                reactor,
+                options.settings if options.configError is None else None,
+                options.configError,
+                options["public"],
+                options["domain-id"],
+            )
+        )
 
     from twisted.internet.task import react
 

@@ -25,8 +25,10 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import InvalidHeaderName
 from zope.interface import implementer
+
+from ._twisted_compat import encode_header_name
 
 if TYPE_CHECKING:
     from ._upstream import UpstreamPool
@@ -251,7 +253,7 @@ class UpstreamConnection(TwistedProtocol):
             raise UpstreamProtocolError("malformed status code")
         headers: dict[bytes, list[bytes]] = {}
         connection: dict[bytes, list[bytes]] = {}
-        encode = _nameEncoder.encode
+        encode = encode_header_name
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or not _TOKEN(name):

@@ -153,7 +153,9 @@ class ProxyConfig:
     @ivar fapi_url: Where FAPI lives; always https.
     @ivar trusted_proxies: Peers whose C{X-Forwarded-For} is believed.
     @ivar max_body_size: Largest request body relayed, in bytes.
-    @ivar connect_timeout: Seconds allowed to connect to FAPI (TCP and TLS).
+    @ivar connect_timeout: Seconds allowed to open the TCP connection to FAPI
+        (C{HostnameEndpoint} bounds only that; a request's
+        C{upstream_timeout} covers the whole wait, TLS handshake included).
     @ivar upstream_timeout: Seconds allowed for FAPI to start answering.
     @ivar pool_size: Most connections open to FAPI at once; more requests wait.
     @ivar pool_idle_timeout: Seconds an unused FAPI connection is kept.

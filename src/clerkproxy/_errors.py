@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from twisted.web.http_headers import Headers
 from twisted.web.server import Request
+
+from ._twisted_compat import headers_from_raw
 
 __all__ = ["respond_error"]
 
@@ -42,13 +43,13 @@ def respond_error(request: Request, status: int, code: str) -> None:
     """
     body = _BODIES[code]
     request.setResponseCode(status)
-    headers = Headers()
-    headers._rawHeaders = {
-        b"Content-Type": [b"application/json"],
-        b"Cache-Control": [b"no-store"],
-        b"Content-Length": [b"%d" % len(body)],
-    }
-    request.responseHeaders = headers
+    request.responseHeaders = headers_from_raw(
+        {
+            b"Content-Type": [b"application/json"],
+            b"Cache-Control": [b"no-store"],
+            b"Content-Length": [b"%d" % len(body)],
+        }
+    )
     if request.method != b"HEAD":
         request.write(body)
     request.finish()

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from ._client import UpstreamProtocolError
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
+from ._interfaces import IStreamingRequest
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
@@ -169,9 +170,8 @@ class Exchange:
             framing,
             proxy.dropHeaders,
         )
-        watch = getattr(request, "watchConnection", None)
-        if watch is not None:
-            watch(self.clientLost)
+        if IStreamingRequest.providedBy(request):
+            request.watchConnection(self.clientLost)
         else:
             request.notifyFinish().addErrback(self.clientLost)
         proxy.deadlines.add(self)

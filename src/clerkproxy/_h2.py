@@ -60,6 +60,8 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from ._errors import respond_error
+from ._interfaces import IStreamingRequest
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
 if TYPE_CHECKING:
@@ -114,9 +116,6 @@ class HTTP2Settings:
     @ivar tls: Offer C{h2} by ALPN on TLS listeners.
     @ivar h2c: Accept HTTP/2 with prior knowledge on plain listeners.
     @ivar maxConcurrentStreams: Advertised and enforced per connection.
-    @ivar maxHeaderSize: Bound on one header block, compressed across
-        C{HEADERS} and C{CONTINUATION}, and decoded
-        (C{SETTINGS_MAX_HEADER_LIST_SIZE}).
     @ivar sendTimeout: Seconds a stream with response bytes waiting may go
         without the client accepting any.
     @ivar resetBurst: Streams a client may reset before their response
@@ -130,7 +129,6 @@ class HTTP2Settings:
     tls: bool = True
     h2c: bool = False
     maxConcurrentStreams: int = 100
-    maxHeaderSize: int = 64 * 1024
     sendTimeout: float = 60.0
     resetBurst: int = 200
     resetRate: float = 20.0
@@ -291,6 +289,7 @@ class H2Stream:
         connection._flush()
 
 
+@implementer(IStreamingRequest)
 class H2Request:
     """
     One HTTP/2 request, offering what the proxy's resources and
@@ -316,6 +315,7 @@ class H2Request:
     clientAddressText: bytes | None = None
     upstreamSeconds: float | None = None
     upstreamReused: bool | None = None
+    maxBodySize: int | None = None
 
     def __init__(
         self, stream: H2Stream, method: bytes, uri: bytes, headers: Headers
@@ -352,6 +352,29 @@ class H2Request:
     def watchConnection(self, onLost: Callable[[], object]) -> None:
         """Call C{onLost} if the stream ends before the response does."""
         self._onLost = onLost
+
+    def refuseBody(self, status: int) -> bool:
+        """
+        Refuse the rest of the body: the exchange is told the client is
+        gone, and the client gets the error, or a reset stream if its
+        response had begun.
+        """
+        stream = self.channel
+        if self.finished or stream is None:
+            return False
+        onLost, self._onLost = self._onLost, None
+        stream.receiver = None
+        if onLost is not None:
+            onLost()
+        if self.startedWriting:
+            stream.abortConnection()
+        else:
+            respond_error(
+                self,  # type: ignore[arg-type]
+                status,
+                "proxy_request_too_large" if status == 413 else "proxy_bad_request",
+            )
+        return True
 
     def notifyFinish(self) -> Deferred[None]:
         """Fires when the response is finished, fails if the stream is lost."""
@@ -454,6 +477,10 @@ class H2Connection(Protocol):
     def __init__(self, site: StreamingSite, settings: HTTP2Settings) -> None:
         self._site = site
         self._settings = settings
+        # The site's --max-header-size bounds one header block twice: as
+        # sent (HEADERS and CONTINUATION frames) and decoded
+        # (SETTINGS_MAX_HEADER_LIST_SIZE, enforced by hpack as it decodes).
+        self._maxHeaderSize = maxHeaderSize = site.maxHeaderSize
         self._clock: IReactorTime = site.clock
         config = h2.config.H2Configuration(
             client_side=False,
@@ -468,11 +495,11 @@ class H2Connection(Protocol):
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: (
                     settings.maxConcurrentStreams
                 ),
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.maxHeaderSize,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: maxHeaderSize,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
-        conn.decoder.max_header_list_size = settings.maxHeaderSize
+        conn.decoder.max_header_list_size = maxHeaderSize
         self._conn = conn
         self._streams: dict[int, H2Stream] = {}
         self._pending: list[H2Stream] = []
@@ -649,7 +676,7 @@ class H2Connection(Protocol):
             self._blockFrames += 1
         self._blockSize += length
         if (
-            self._blockSize > self._settings.maxHeaderSize
+            self._blockSize > self._maxHeaderSize
             or self._blockFrames > _MAX_CONTINUATIONS
         ):
             self._refuse("continuation_flood")

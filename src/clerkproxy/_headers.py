@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import Headers, InvalidHeaderName
+
+from ._twisted_compat import encode_header_name, headers_from_raw
 
 __all__ = [
     "APP_DROP",
@@ -59,7 +61,7 @@ def connection_listed(values: Iterable[bytes]) -> frozenset[bytes]:
             token = token.strip()
             if token:
                 try:
-                    names.add(_nameEncoder.encode(token))
+                    names.add(encode_header_name(token))
                 except InvalidHeaderName:
                     pass
     return frozenset(names)
@@ -86,7 +88,8 @@ def upstream_head(
     The request head for FAPI, ready for the wire: C{Host}, then every
     end-to-end header the client sent (repeated ones in order), then the
     Clerk headers and C{X-Forwarded-For}, which no client value can
-    override, then the framing of the body the proxy will send.
+    override, then the framing of the body the proxy will send.  Header
+    names with an underscore are never forwarded.
 
     The client's values were validated by Twisted's server parser (no CR,
     LF or NUL), so they are copied as they are.
@@ -97,7 +100,10 @@ def upstream_head(
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     append = parts.append
     for name, values in incoming.getAllRawHeaders():
-        if name not in drop:
+        # A name with "_" is dropped, as nginx does: a framework that maps
+        # headers to CGI-style names reads Clerk_Secret_Key and
+        # Clerk-Secret-Key as the same one.
+        if name not in drop and b"_" not in name:
             for value in values:
                 append(name)
                 append(b": ")
@@ -126,7 +132,5 @@ def downstream_headers(
     drop = HOP_BY_HOP | connection_listed(listed) if listed else HOP_BY_HOP
     for name in [n for n in headers if n in drop]:
         del headers[name]
-    out = Headers()
     # Names and values were validated by the upstream client's parser.
-    out._rawHeaders = headers
-    return out
+    return headers_from_raw(headers)

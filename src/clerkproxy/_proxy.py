@@ -5,9 +5,9 @@ C{--app}) the application's origin for everything else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -19,10 +19,14 @@ from ._errors import respond_error
 from ._exchange import Exchange
 from ._forwarded import ClientAddress
 from ._headers import APP_DROP, FAPI_DROP, injected_block
+from ._interfaces import IStreamingRequest
 from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
 from .interfaces import IRequestBodyReceiver, IStreamingResource
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = ["AppProxy", "EdgeRouter", "FrontendAPIProxy"]
 
@@ -63,6 +67,14 @@ class _Proxying(Resource):
             metrics.upstreamOpened = lambda: upstream.connectionsOpened
         self.metrics = metrics
 
+    def close(self) -> Deferred[None]:
+        """
+        Close the upstream pool: idle connections now, the rest as their
+        requests end; refuse new work.  Call it when your service stops.
+        Fires once the idle connections are shut.
+        """
+        return self.upstream.close().addCallback(lambda _: None)
+
     def target(self, uri: bytes) -> bytes | None:
         """Where C{uri} goes upstream, or L{None} if it is not ours."""
         raise NotImplementedError
@@ -73,6 +85,9 @@ class _Proxying(Resource):
 
     def render(self, request: Request) -> object:
         """Serve a request whose body (if any) is already buffered."""
+        # The answer carries the upstream's headers and nothing else: no
+        # Content-Type it did not send.
+        request.defaultContentType = None
         target = self.target(request.uri)
         if target is None:
             respond_error(request, 404, "not_found")
@@ -96,6 +111,7 @@ class _Proxying(Resource):
         self, request: Request, length: int | None
     ) -> IRequestBodyReceiver | None:
         """Serve a request as soon as its head is in."""
+        request.defaultContentType = None
         target = self.target(request.uri)
         if target is None:
             respond_error(request, 404, "not_found")
@@ -103,6 +119,9 @@ class _Proxying(Resource):
         if length is not None and length > self.maxBodySize:
             respond_error(request, 413, "proxy_request_too_large")
             return None
+        if length is None and IStreamingRequest.providedBy(request):
+            # The channel refuses a chunk size that would go past this.
+            request.maxBodySize = self.maxBodySize
         transport: Any = request.transport
         exchange = Exchange(self, request, target, length, transport, True)
         exchange.start()

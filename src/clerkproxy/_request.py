@@ -8,36 +8,47 @@ L{IStreamingResource}, the body goes to it chunk by chunk and Twisted's
 buffering and form parsing never run.  Any other resource is served exactly
 as Twisted would.
 
-This leans on three private attributes of C{HTTPChannel} (C{_command},
-C{_path}, C{_version}, set from the request line before C{gotLength}); the
-test suite pins them so that a Twisted upgrade that moves them fails loudly.
+The request line is read from C{HTTPChannel}'s private attributes before
+C{gotLength}, through L{clerkproxy._twisted_compat}, where every private
+Twisted name the project uses is kept and pinned by a test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.server import unquote  # type: ignore[attr-defined]
+from zope.interface import implementer
 
+from ._errors import respond_error
+from ._interfaces import IStreamingChannel, IStreamingRequest, IStreamingSite
+from ._twisted_compat import request_line
 from .interfaces import IRequestBodyReceiver, IStreamingResource
 
 __all__ = ["StreamingRequest"]
 
 
+@implementer(IStreamingRequest)
 class StreamingRequest(server.Request):
     """
     A request whose body can be relayed while it arrives.
 
     @ivar bodyComplete: Whether the whole request body has been read.
+    @ivar maxBodySize: The most body bytes the resource takes, if it said
+        (it may, in C{renderStreaming}); the channel refuses a chunk size
+        that goes past it.
     """
 
     _receiver: IRequestBodyReceiver | None = None
     _streaming = False
     _onLost: Callable[[], object] | None = None
+    # The site's hooks, if it provides them; found once, at gotLength.
+    _siteHooks: IStreamingSite | None = None
     bodyComplete = False
+    maxBodySize: int | None = None
     # Filled in along the way, for metrics and the access log.
     startedAt = 0.0
     inFlight = False
@@ -54,21 +65,22 @@ class StreamingRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
-        started = getattr(channel.site, "requestStarted", None)
-        if started is not None:
-            started(self)
+        site = channel.site
+        if IStreamingSite.providedBy(site):
+            self._siteHooks = site
+            site.requestStarted(self)
         if length == 0:
             # Nothing to stream: the ordinary path answers bodiless requests
             # with no extra work.
             server.Request.gotLength(self, length)
             return
-        target: bytes = channel._path
+        method, target, version = request_line(channel)
         if target[:1] != b"/":
             server.Request.gotLength(self, length)
             return
-        self.method = channel._command
+        self.method = method
         self.uri = target
-        self.clientproto = channel._version
+        self.clientproto = version
         self.path = target.split(b"?", 1)[0]
         self.args = {}
         self.prepath = []
@@ -98,6 +110,30 @@ class StreamingRequest(server.Request):
         if self._receiver is not None and not self.finished:
             self._receiver.bodyDone()
 
+    def refuseBody(self, status: int) -> bool:
+        """
+        The channel refuses the rest of this request's body (C{status} 400
+        or 413): the receiver is told the client is gone, so that whatever
+        it started upstream stops at once, and the client gets the error,
+        or an aborted connection if its response had begun.
+
+        @return: Whether this request handled it; if not, the channel
+            answers by itself.
+        """
+        if not self._streaming or self.finished or self.channel is None:
+            return False
+        onLost, self._onLost = self._onLost, None
+        self._receiver = None
+        if onLost is not None:
+            onLost()
+        if self.startedWriting:
+            self.channel.transport.abortConnection()  # type: ignore[union-attr]
+        elif status == 413:
+            respond_error(self, 413, "proxy_request_too_large")
+        else:
+            respond_error(self, 400, "proxy_bad_request")
+        return True
+
     def write(self, data: bytes) -> None:
         channel = self.channel
         if not self.startedWriting and channel is not None:
@@ -115,9 +151,8 @@ class StreamingRequest(server.Request):
         channel = self.channel
         if self._streaming and not self.bodyComplete and channel is not None:
             channel.persistent = False
-            discard = getattr(channel, "discardInput", None)
-            if discard is not None:
-                discard()
+            if IStreamingChannel.providedBy(channel):
+                channel.discardInput()
         # The watcher usually refers back to this request: break the cycle
         # so that reference counting, not the cyclic collector, frees both.
         self._onLost = self._receiver = None
@@ -125,12 +160,10 @@ class StreamingRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._receiver = None
-        channel: Any = self.channel
-        site = channel.site if channel is not None else None
         server.Request.connectionLost(self, reason)
-        aborted = getattr(site, "requestAborted", None)
-        if aborted is not None and not self.finished:
-            aborted(self)
+        site = self._siteHooks
+        if site is not None and not self.finished:
+            site.requestAborted(self)
         onLost, self._onLost = self._onLost, None
         if onLost is not None:
             onLost()

@@ -27,7 +27,8 @@ from twisted.web.server import Site
 from ._accesslog import AccessLog
 from ._config import ConfigError
 from ._site import StreamingSite
-from ._tls import ReloadableServerTLS
+from ._tls import TICKET_KEY_LIFETIME, ReloadableServerTLS
+from ._twisted_compat import raise_synchronously
 from ._upstream import UpstreamPool
 
 __all__ = ["ProxyService"]
@@ -70,6 +71,7 @@ class ProxyService(Service):
         self._admin = _listening(admin[0], admin[1]) if admin is not None else None
         self._terminating = False
         self._draining: Deferred[None] | None = None
+        self._rotation: LoopingCall | None = None
 
     # -- starting ----------------------------------------------------------
 
@@ -82,6 +84,10 @@ class ProxyService(Service):
                 port.startService()
         except Exception as e:  # a port in use, a bad address, no permission
             raise SystemExit(f"clerkproxy: cannot listen: {e}") from None
+        if self._tls is not None:
+            self._rotation = LoopingCall(self._tls.rotateTicketKeys)
+            self._rotation.clock = self._reactor
+            self._rotation.start(TICKET_KEY_LIFETIME, now=False)
         if self._installSignals:
             # After the reactor has installed its own handlers.
             self._reactor.callWhenRunning(self._takeSignals)
@@ -134,6 +140,8 @@ class ProxyService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
         self._site.draining = True
         _log.info(
             "draining: {busy} connections open, up to {timeout}s",
@@ -182,5 +190,5 @@ class ProxyService(Service):
 
 def _listening(endpoint: IStreamServerEndpoint, factory: Any) -> Any:
     service = StreamServerEndpointService(endpoint, factory)
-    service._raiseSynchronously = True  # a port in use must stop start-up
+    raise_synchronously(service)  # a port in use must stop start-up
     return service

@@ -8,12 +8,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from ._accesslog import AccessLog
-from ._channel import StreamingChannel
+from ._channel import MAX_HEAD, MAX_REQUEST_LINE, StreamingChannel
 from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
 from ._h2 import HTTP2Settings, ProtocolSelector
+from ._interfaces import IStreamingSite
 from ._metrics import Metrics
 from ._request import StreamingRequest
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["StreamingSite", "build_site"]
 
 
+@implementer(IStreamingSite)
 class StreamingSite(Site):
     """
     A C{Site} whose requests stream their bodies to L{IStreamingResource}
@@ -54,6 +57,40 @@ class StreamingSite(Site):
             return ProtocolSelector(self, channel)
         return channel
 
+    maxRequestLine = MAX_REQUEST_LINE
+    maxHeaderSize = MAX_HEAD
+
+    def __init__(
+        self,
+        resource: IResource,
+        requestFactory: Any = None,
+        *args: Any,
+        parsePOSTFormSubmission: bool = False,
+        timeout: float | None = None,
+        reactor: IReactorTime | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Serve C{resource}, ready for connections as built: header and idle
+        deadlines at their defaults (10 s and 60 s), fresh L{Metrics}, no
+        access log.  L{configure} (which L{build_site} calls) changes them.
+
+        @param reactor: The clock for deadlines; the global reactor, imported
+            now, if not given.
+        """
+        Site.__init__(
+            self,
+            resource,
+            requestFactory,
+            *args,
+            parsePOSTFormSubmission=parsePOSTFormSubmission,
+            timeout=timeout,
+            reactor=reactor,
+            **kwargs,
+        )
+        self.channels: set[_Channel] = set()
+        self.configure(self.reactor, 10.0, 60.0)
+
     def configure(
         self,
         clock: IReactorTime,
@@ -62,9 +99,12 @@ class StreamingSite(Site):
         metrics: Metrics | None = None,
         accessLog: AccessLog | None = None,
         clientAddress: ClientAddress | None = None,
+        maxRequestLine: int = MAX_REQUEST_LINE,
+        maxHeaderSize: int = MAX_HEAD,
         http2: HTTP2Settings | None = None,
     ) -> None:
-        self.channels: set[_Channel] = set()
+        self.maxRequestLine = maxRequestLine
+        self.maxHeaderSize = maxHeaderSize
         self.headerDeadlines = Deadlines(clock, headerTimeout)
         self.idleDeadlines = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -143,6 +183,8 @@ def build_site(
     metrics: Metrics | None = None,
     access_log: AccessLog | None = None,
     client_address: ClientAddress | None = None,
+    max_request_line: int = MAX_REQUEST_LINE,
+    max_header_size: int = MAX_HEAD,
     http2: HTTP2Settings | None = None,
 ) -> StreamingSite:
     """
@@ -157,10 +199,11 @@ def build_site(
     @param client_address: How to find the client's address for the log.
     @param http2: HTTP/2 to clients (by ALPN on TLS, and with C{h2c} on
         plain connections); off by default.
+    @param max_request_line: Longest request line in bytes; 414 above it.
+    @param max_header_size: Largest request head (request line and header
+        lines) in bytes; 431 above it.
     """
-    site: StreamingSite = StreamingSite(  # type: ignore[no-untyped-call]
-        resource, parsePOSTFormSubmission=False, timeout=None, reactor=reactor
-    )
+    site = StreamingSite(resource, reactor=reactor)
     if metrics is None:
         metrics = getattr(resource, "metrics", None)
     site.configure(
@@ -170,6 +213,8 @@ def build_site(
         metrics,
         access_log,
         client_address,
+        max_request_line,
+        max_header_size,
         http2,
     )
     return site

@@ -2,17 +2,23 @@
 TLS material from the operator's files: the serving certificate and key,
 and private trust roots for FAPI.  Every failure is a L{ConfigError} naming
 the option and the file.
+
+The serving side follows Mozilla's "intermediate" profile: TLS 1.2 and
+1.3, forward-secret AEAD suites chosen by the client, the groups in
+L{GROUPS}, and session resumption (tickets, and a session cache for
+clients without them) with ticket keys that are replaced on a timer.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from OpenSSL._util import lib as _lib
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import (
     AcceptableCiphers,
@@ -24,13 +30,35 @@ from twisted.internet.ssl import (
 from zope.interface import implementer
 
 from ._config import ConfigError
+from ._twisted_compat import clear_tls_options
 
-__all__ = ["ReloadableServerTLS", "load_trust_root", "server_tls_options"]
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
+
+__all__ = [
+    "GROUPS",
+    "TICKET_KEY_LIFETIME",
+    "ReloadableServerTLS",
+    "load_trust_root",
+    "server_tls_options",
+]
 
 #: Forward-secret AEAD suites only; TLS 1.3's own suites are always on.
 MODERN_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
     "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
 )
+
+#: Key exchange groups, most preferred first.  Mozilla's intermediate
+#: profile names X25519, P-256 and P-384; P-521 and X448 are offered too, and
+#: the post-quantum hybrid first where this OpenSSL has it.  Names this
+#: OpenSSL does not know are left out (see L{_set_groups}).
+GROUPS = ("X25519MLKEM768", "X25519", "P-256", "X448", "P-384", "P-521")
+
+#: Seconds a session ticket key (and the session cache) lives: every this
+#: often new handshakes get a fresh context with new random ticket keys, so
+#: a stolen key opens at most this much recorded traffic.  Tickets are
+#: issued for the same lifetime.
+TICKET_KEY_LIFETIME = 12 * 3600
 
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -67,8 +95,14 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
 def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
     """
     Server-side TLS from a PEM chain (leaf first) and its private key:
-    TLS 1.2 at least, forward-secret ciphers, HTTP/1.1 by ALPN.
+    TLS 1.2 at least, forward-secret ciphers, HTTP/1.1 by ALPN, session
+    resumption on.
     """
+    return _options(_material(certPath, keyPath))
+
+
+def _material(certPath: str, keyPath: str) -> tuple[Any, Any, list[Any]]:
+    """The private key, the leaf and the rest of the chain, checked."""
     _certificates(certPath, "--tls-cert")  # clear errors for a bad file
     chain = x509.load_pem_x509_certificates(_read(certPath, "--tls-cert"))
     keyData = _read(keyPath, "--tls-key")
@@ -79,25 +113,65 @@ def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
             f"--tls-key {keyPath} is not a readable PEM private key "
             "(an encrypted key is not supported)"
         ) from None
-    # Twisted's annotations name pyOpenSSL's types, but pyOpenSSL takes
-    # cryptography's objects directly (and deprecates its own wrappers).
-    modern: Any = (key, chain[0], chain[1:])
-    options = CertificateOptions(
-        privateKey=modern[0],
-        certificate=modern[1],
-        extraCertChain=modern[2],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-        acceptableCiphers=MODERN_CIPHERS,
-        acceptableProtocols=[b"http/1.1"],
-    )
+    material = (key, chain[0], chain[1:])
     try:
-        options.getContext()
+        _options(material)
     except SSL.Error:
         raise ConfigError(
             f"--tls-key {keyPath} does not match the certificate in "
             f"--tls-cert {certPath}"
         ) from None
+    return material
+
+
+def _options(material: tuple[Any, Any, list[Any]]) -> CertificateOptions:
+    """
+    Fresh options (so a fresh context, with new ticket keys and an empty
+    session cache) for already loaded material.
+    """
+    # Twisted's annotations name pyOpenSSL's types, but pyOpenSSL takes
+    # cryptography's objects directly (and deprecates its own wrappers).
+    options = CertificateOptions(
+        privateKey=material[0],
+        certificate=material[1],
+        extraCertChain=material[2],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=MODERN_CIPHERS,
+        acceptableProtocols=[b"http/1.1"],
+        # Twisted turns both off by default; without them no client ever
+        # resumes a session and each one pays a full handshake.
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+    # Mozilla's intermediate profile lets the client choose among the
+    # (all strong) suites, so one without AES hardware can pick ChaCha20.
+    clear_tls_options(options, SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context = options.getContext()
+    context.set_timeout(TICKET_KEY_LIFETIME)
+    _set_groups(context, available_groups())
     return options
+
+
+@functools.cache
+def available_groups() -> tuple[str, ...]:
+    """The names in L{GROUPS} that this OpenSSL implements."""
+    probe = SSL.Context(SSL.TLS_METHOD)
+    found = []
+    for name in GROUPS:
+        try:
+            _set_groups(probe, (name,))
+        except SSL.Error:
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def _set_groups(context: SSL.Context, names: tuple[str, ...]) -> None:
+    # pyOpenSSL has no wrapper for SSL_CTX_set1_groups_list; its binding
+    # (under the older name "curves") is there.
+    if not _lib.SSL_CTX_set1_curves_list(context._context, ":".join(names).encode()):
+        _lib.ERR_clear_error()
+        raise SSL.Error(f"unknown TLS groups {names!r}")
 
 
 @implementer(IOpenSSLContextFactory)
@@ -107,21 +181,33 @@ class ReloadableServerTLS:
 
     Twisted asks a context factory for a context on every new connection,
     so after L{reload} new handshakes use the new certificate while the
-    connections already open keep theirs.
+    connections already open keep theirs.  One context serves every
+    handshake in between, so its session cache and ticket keys let clients
+    resume; L{rotateTicketKeys} replaces it (see L{TICKET_KEY_LIFETIME}).
     """
 
     def __init__(self, certPath: str, keyPath: str) -> None:
         self._certPath = certPath
         self._keyPath = keyPath
-        self._options = server_tls_options(certPath, keyPath)
+        self._material = _material(certPath, keyPath)
+        self._options = _options(self._material)
 
     def getContext(self) -> SSL.Context:
         context: SSL.Context = self._options.getContext()
         return context
+
+    def rotateTicketKeys(self) -> None:
+        """
+        New handshakes get a new context: new random ticket keys and an
+        empty session cache.  Sessions from before must do a full
+        handshake once.
+        """
+        self._options = _options(self._material)
 
     def reload(self) -> None:
         """
         Read the files again.  On any problem raise L{ConfigError} and keep
         serving the certificate already loaded.
         """
-        self._options = server_tls_options(self._certPath, self._keyPath)
+        material = _material(self._certPath, self._keyPath)
+        self._material, self._options = material, _options(material)

@@ -11,9 +11,8 @@ near zero).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -34,6 +33,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._client import UpstreamConnection
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
 
 __all__ = ["UpstreamPool", "app_endpoint", "fapi_endpoint"]
 

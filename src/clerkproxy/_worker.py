@@ -20,10 +20,13 @@ def main(argv: Sequence[str]) -> None:
     head = list(argv[:split])
     inherited = [head[i + 1] for i in range(len(head)) if head[i] == "--inherited"]
     index = int(head[head.index("--index") + 1]) if "--index" in head else 0
-    from .tap import Options, adopted, build_service
+    from ._endpoints import adopted_endpoint
+    from ._serve import build_service
+    from .tap import Options
 
     options = Options()
     options.parseOptions([*argv[split + 1 :], "--workers", "1"])
+    settings = options.settings
 
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -32,8 +35,10 @@ def main(argv: Sequence[str]) -> None:
     endpoints = []
     for item in inherited:
         fd, family, kind = item.split(":")
-        endpoints.append(adopted(reactor, int(fd), int(family), kind, options.tls))
-    service = build_service(options, reactor, endpoints, index=index)
+        endpoints.append(
+            adopted_endpoint(reactor, int(fd), int(family), kind, settings.tls)
+        )
+    service = build_service(settings, reactor, endpoints, index=index)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -22,12 +22,12 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import _parse
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._config import ConfigError
+from ._twisted_compat import parse_endpoint_description
 
 __all__ = ["ListenSpec", "WorkerSupervisor", "bind", "worker_listen_spec"]
 
@@ -63,7 +63,7 @@ def worker_listen_spec(description: str, tls: bool) -> ListenSpec:
     inner = description[len("haproxy:") :] if haproxy else description
     if inner.isdigit():
         return ListenSpec(int(inner), "", 1024, tls, haproxy)
-    args, kwargs = _parse(inner)
+    args, kwargs = parse_endpoint_description(inner)
     if not args or args[0] != "tcp" or len(args) > 2:
         raise ConfigError(
             f"--workers needs each --port to be a port number or a tcp: "

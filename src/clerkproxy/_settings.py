@@ -1,0 +1,175 @@
+"""
+What one C{twistd clerkproxy} (or C{clerkproxy check}) run was asked to do.
+
+L{read_settings} turns the parsed command line and the environment into
+a frozen L{ServeSettings}, or raises L{ConfigError} with one sentence
+naming the option at fault.  Everything that builds or checks the proxy
+takes the settings, never the command-line parser.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._config import DEFAULT_FAPI, ConfigError, ProxyConfig
+from ._endpoints import check_admin_port, check_port
+from ._tls import ReloadableServerTLS, load_trust_root
+from ._workers import ListenSpec, worker_listen_spec
+
+if TYPE_CHECKING:
+    from ._twisted_compat import IOpenSSLTrustRoot
+
+__all__ = ["ServeSettings", "read_settings"]
+
+
+@attrs.frozen
+class ServeSettings:
+    """
+    Everything a serving process needs beyond L{ProxyConfig}.
+
+    @ivar config: What to proxy, and how.
+    @ivar tls: The serving certificate (C{--tls-cert}/C{--tls-key}), if any.
+    @ivar fapiCA: C{--fapi-ca}, the file the trust root was read from.
+    @ivar trustRoot: The CA certificates trusted for FAPI instead of the
+        system's, if C{--fapi-ca} was given.
+    @ivar ports: The C{--port} descriptions, C{tcp:8080} if none.
+    @ivar adminPort: The C{--admin-port} description, if any.
+    @ivar accessLog: The C{--access-log} file, C{-} for standard output.
+    @ivar workers: How many serving processes.
+    @ivar listenSpecs: With more than one worker, the sockets the parent
+        binds for them, one per port.
+    @ivar argv: The command line as given, for workers to parse again.
+    """
+
+    config: ProxyConfig
+    tls: ReloadableServerTLS | None
+    fapiCA: str | None
+    trustRoot: IOpenSSLTrustRoot | None
+    headerTimeout: float
+    idleTimeout: float
+    drainTimeout: float
+    ports: tuple[str, ...]
+    adminPort: str | None
+    accessLog: str | None
+    workers: int
+    listenSpecs: tuple[ListenSpec, ...]
+    argv: tuple[str, ...]
+
+
+def read_settings(
+    options: Mapping[str, Any], environ: Mapping[str, str], argv: Sequence[str] = ()
+) -> ServeSettings:
+    """
+    The settings C{options} (parsed C{twistd clerkproxy} options) and
+    C{environ} describe; L{ConfigError} for the first mistake found.
+    """
+    proxyURL = options["proxy-url"] or environ.get("CLERK_PROXY_URL")
+    if not proxyURL:
+        raise ConfigError(
+            "no proxy URL: pass --proxy-url or set CLERK_PROXY_URL to the "
+            "public URL registered with Clerk, e.g. https://app.example.com/__clerk"
+        )
+    keyFile = options["secret-key-file"]
+    if keyFile:
+        try:
+            with open(keyFile, "rb") as f:
+                secret: str | bytes = f.read()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read --secret-key-file {keyFile}: {e.strerror}"
+            ) from None
+    else:
+        secret = environ.get("CLERK_SECRET_KEY", "")
+    certPath, keyPath = options["tls-cert"], options["tls-key"]
+    if bool(certPath) != bool(keyPath):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    tls = ReloadableServerTLS(certPath, keyPath) if certPath else None
+    fapiCA = options["fapi-ca"] or None
+    trustRoot = load_trust_root(fapiCA) if fapiCA else None
+    config = ProxyConfig(
+        proxy_url=proxyURL,
+        secret_key=secret,
+        fapi_url=options["fapi"] or environ.get("CLERK_FAPI") or DEFAULT_FAPI,
+        trusted_proxies=options["trusted-proxy"],
+        max_body_size=_number(options, "max-body-size", int),
+        connect_timeout=_number(options, "connect-timeout", float),
+        upstream_timeout=_number(options, "upstream-timeout", float),
+        app_url=options["app"],
+    )
+    headerTimeout = _number(options, "header-timeout", float)
+    idleTimeout = _number(options, "idle-timeout", float)
+    drainTimeout = _number(options, "drain-timeout", float)
+    accessLog = options["access-log"] or None
+    if accessLog and accessLog != "-":
+        try:
+            open(accessLog, "a").close()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write --access-log {accessLog}: {e.strerror}"
+            ) from None
+    ports = tuple(options["port"] or ["tcp:8080"])
+    workers = _workers_count(options["workers"])
+    listenSpecs: tuple[ListenSpec, ...] = ()
+    if workers > 1:
+        listenSpecs = tuple(
+            worker_listen_spec(
+                description,
+                tls is not None
+                and (description.isdigit() or description.startswith("haproxy:")),
+            )
+            for description in ports
+        )
+    for description in ports:
+        check_port(description, tls)
+    adminPort = options["admin-port"] or None
+    if adminPort:
+        check_admin_port(adminPort, workers)
+    return ServeSettings(
+        config=config,
+        tls=tls,
+        fapiCA=fapiCA,
+        trustRoot=trustRoot,
+        headerTimeout=headerTimeout,
+        idleTimeout=idleTimeout,
+        drainTimeout=drainTimeout,
+        ports=ports,
+        adminPort=adminPort,
+        accessLog=accessLog,
+        workers=workers,
+        listenSpecs=listenSpecs,
+        argv=tuple(argv),
+    )
+
+
+def _number(
+    options: Mapping[str, Any], name: str, kind: type[float] | type[int]
+) -> Any:
+    value = options[name]
+    if isinstance(value, kind):
+        return value
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0 or (kind is float and number == 0):
+        what = "a whole number" if kind is int else "a positive number"
+        raise ConfigError(f"--{name} must be {what}, got {value!r}")
+    return number
+
+
+def _workers_count(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(
+            f"--workers must be a whole number of at least 1, or auto; got {value!r}"
+        )
+    return count

@@ -1,0 +1,132 @@
+"""
+Every private Twisted name clerkproxy relies on, in one place.
+
+Twisted does not promise to keep these; C{tests/test_twisted_compat.py}
+pins each one, so that an upgrade that moves or renames one fails there,
+by name, rather than somewhere deep in a behaviour test.  Nothing else in
+the package imports a private Twisted name or touches a private Twisted
+attribute except through this module, and the methods our subclasses
+override are listed here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.endpoints import _parse
+from twisted.web.http import _ChunkedTransferDecoder
+from twisted.web.http_headers import Headers, _nameEncoder
+
+if TYPE_CHECKING:
+    # Only for annotations: the type of a trust root from
+    # twisted.internet.ssl.trustRootFromCertificates.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+__all__ = [
+    "CHANNEL_OVERRIDES",
+    "DECODER_OVERRIDES",
+    "ChunkedTransferDecoder",
+    "IOpenSSLTrustRoot",
+    "clear_tls_options",
+    "encode_header_name",
+    "headers_from_raw",
+    "parse_endpoint_description",
+    "raise_synchronously",
+    "replace_chunked_decoder",
+    "request_line",
+    "request_version",
+]
+
+#: Private methods of C{twisted.web.http.HTTPChannel} that
+#: L{clerkproxy._channel.StreamingChannel} overrides or calls:
+#:  - C{_maybeChooseTransferDecoder(header, data) -> bool}: overridden to
+#:    refuse transfer codings other than C{chunked};
+#:  - C{_failChooseTransferDecoder() -> bool}: called to answer 400;
+#:  - C{_send100Continue()}: overridden to stay silent while discarding.
+CHANNEL_OVERRIDES = (
+    "_maybeChooseTransferDecoder",
+    "_failChooseTransferDecoder",
+    "_send100Continue",
+)
+
+#: Twisted's decoder for chunked request bodies, which
+#: L{clerkproxy._channel.StreamingChannel} subclasses to bound chunk sizes.
+ChunkedTransferDecoder = _ChunkedTransferDecoder
+
+#: What that subclass relies on: C{dataReceived} appends to the
+#: C{bytearray} C{_buffer} and calls C{"_dataReceived_" + state} while it
+#: returns true; C{_dataReceived_CHUNK_LENGTH() -> bool} parses one size
+#: line from the front of C{_buffer} into C{length} and returns true once
+#: it has.
+DECODER_OVERRIDES = ("_buffer", "_dataReceived_CHUNK_LENGTH")
+
+
+def replace_chunked_decoder(
+    channel: Any,
+    make: Callable[[Callable[[bytes], None], Callable[[bytes], None]], Any],
+) -> None:
+    """
+    If C{channel} (an C{HTTPChannel} reading a request head) has just
+    chosen Twisted's chunked decoder for the body (C{_transferDecoder}),
+    put C{make(dataCallback, finishCallback)} in its place.
+    """
+    current = channel._transferDecoder
+    if type(current) is _ChunkedTransferDecoder:
+        channel._transferDecoder = make(current.dataCallback, current.finishCallback)
+
+
+def parse_endpoint_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description into positional and keyword arguments,
+    with Twisted's own escaping rules (C{endpoints._parse}).
+    """
+    args, kwargs = _parse(description)
+    return list(args), dict(kwargs)
+
+
+#: The encoder C{Headers} uses for names (canonical capitalisation).
+encode_header_name = _nameEncoder.encode
+
+
+def request_line(channel: Any) -> tuple[bytes, bytes, bytes]:
+    """
+    The method, target and version of the request whose head C{channel}
+    (an C{HTTPChannel}) is reading: C{HTTPChannel} keeps them in C{_command},
+    C{_path} and C{_version} from the request line until C{allContentReceived}.
+    """
+    return channel._command, channel._path, channel._version
+
+
+def request_version(channel: Any) -> bytes:
+    """The HTTP version of the request C{channel} is reading (C{_version})."""
+    version: bytes = channel._version
+    return version
+
+
+def headers_from_raw(raw: dict[bytes, list[bytes]]) -> Headers:
+    """
+    A C{Headers} holding C{raw} (canonically capitalised names, lists of
+    values) as it is, without re-validating or re-encoding each name and
+    value: C{Headers._rawHeaders}.  Only for names and values already checked.
+    """
+    headers = Headers()
+    headers._rawHeaders = raw
+    return headers
+
+
+def raise_synchronously(service: Any) -> None:
+    """
+    Make a C{StreamServerEndpointService} raise a listening failure from
+    C{startService} instead of logging it (C{_raiseSynchronously}).
+    """
+    service._raiseSynchronously = True
+
+
+def clear_tls_options(options: Any, flags: int) -> None:
+    """
+    Keep OpenSSL option C{flags} off in the contexts a C{CertificateOptions}
+    makes (it sets them from C{_options}; pyOpenSSL cannot clear an option
+    on a context once set).
+    """
+    options._options &= ~flags
