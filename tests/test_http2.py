@@ -420,3 +420,23 @@ async def test_metrics_and_access_log_carry_the_protocol(
     [line] = [json.loads(line) for line in sink.getvalue().splitlines()]
     assert line["protocol"] == "HTTP/2" and line["status"] == 200
     assert "secret" not in line["path"]
+
+
+@pytest.mark.parametrize(
+    ("args", "tls", "h2c", "streams"),
+    [
+        ([], True, False, 100),
+        (["--http2", "off"], False, False, 100),
+        (["--h2c", "--h2-max-concurrent-streams", "7"], True, True, 7),
+    ],
+)
+def test_options(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], tls: bool, h2c: bool, streams: int
+) -> None:
+    from clerkproxy.tap import Options
+
+    monkeypatch.setenv("CLERK_SECRET_KEY", SECRET)
+    options = Options()
+    options.parseOptions(["--proxy-url", "https://app.test/__clerk", *args])
+    http2 = options.settings.http2
+    assert (http2.tls, http2.h2c, http2.maxConcurrentStreams) == (tls, h2c, streams)

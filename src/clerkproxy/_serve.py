@@ -74,6 +74,7 @@ def build_service(
         metrics=metrics,
         access_log=accessLog,
         client_address=fapi.clientAddress,
+        http2=settings.http2,
     )
     admin = None
     if settings.adminPort:

@@ -17,6 +17,7 @@ import attrs
 
 from ._config import DEFAULT_FAPI, ConfigError, ProxyConfig
 from ._endpoints import check_admin_port, check_port
+from ._h2 import HTTP2Settings
 from ._tls import ReloadableServerTLS, load_trust_root
 from ._workers import ListenSpec, worker_listen_spec
 
@@ -43,6 +44,7 @@ class ServeSettings:
     @ivar listenSpecs: With more than one worker, the sockets the parent
         binds for them, one per port.
     @ivar argv: The command line as given, for workers to parse again.
+    @ivar http2: HTTP/2 to clients (C{--http2}, C{--h2c} and its limits).
     """
 
     config: ProxyConfig
@@ -58,6 +60,7 @@ class ServeSettings:
     workers: int
     listenSpecs: tuple[ListenSpec, ...]
     argv: tuple[str, ...]
+    http2: HTTP2Settings = HTTP2Settings()
 
 
 def read_settings(
@@ -128,7 +131,24 @@ def read_settings(
     adminPort = options["admin-port"] or None
     if adminPort:
         check_admin_port(adminPort, workers)
+    http2 = options.get("http2", "on")
+    if http2 not in ("on", "off"):
+        raise ConfigError(f"--http2 must be on or off, got {http2!r}")
+    streams = _number(
+        {"h2-max-concurrent-streams": options.get("h2-max-concurrent-streams", 100)},
+        "h2-max-concurrent-streams",
+        int,
+    )
+    if streams < 1:
+        raise ConfigError(
+            f"--h2-max-concurrent-streams must be at least 1, got {streams!r}"
+        )
     return ServeSettings(
+        http2=HTTP2Settings(
+            tls=http2 == "on",
+            h2c=bool(options.get("h2c")),
+            maxConcurrentStreams=streams,
+        ),
         config=config,
         tls=tls,
         fapiCA=fapiCA,
