@@ -571,6 +571,9 @@ class H2Connection(Protocol):
     def _close(self) -> None:
         self._closed = True
         transport: Any = self.transport
+        # A transport with a producer registered waits for it to go away
+        # before it closes.
+        transport.unregisterProducer()
         transport.loseConnection()
         self._closeCall = self._clock.callLater(_CLOSE_GRACE, self._forceClose)
 

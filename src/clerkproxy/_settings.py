@@ -60,7 +60,7 @@ class ServeSettings:
     workers: int
     listenSpecs: tuple[ListenSpec, ...]
     argv: tuple[str, ...]
-    http2: HTTP2Settings = HTTP2Settings()
+    http2: HTTP2Settings = attrs.field(factory=HTTP2Settings)
 
 
 def read_settings(
