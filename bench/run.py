@@ -782,7 +782,12 @@ def main() -> None:
         "--quick", action="store_true", help="a smoke run: tiny and fast"
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latest.md")
+    import scenarios  # bench/scenarios.py: the hostile-client scenarios
+
+    scenarios.add_arguments(parser)
     args = parser.parse_args()
+    if args.scenario:
+        return scenarios.run(parser, args)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 1.0, 0.5
         args.idle, args.stream_size = 200, 8 << 20

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
 from clerkproxy import FrontendAPIProxy, ProxyConfig, build_site
+from clerkproxy._upstream import UpstreamPool
 
 reactor: Any = _reactor
 SECRET = "sk_live_" + "s3cr3t" * 6
@@ -89,7 +90,16 @@ class Proxy:
 def make_proxy(ca: trustme.CA, fapi: FAPI) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
-    def make(site_factory: Callable[..., Any] | None = None, **overrides: Any) -> Proxy:
+    def make(
+        site_factory: Callable[..., Any] | None = None,
+        endpoint: Any = None,
+        **overrides: Any,
+    ) -> Proxy:
+        """
+        A proxy to the stand-in FAPI, on loopback.
+
+        @param endpoint: Where the pool connects instead of FAPI.
+        """
         settings: dict[str, Any] = {
             "proxy_url": PROXY_URL,
             "secret_key": SECRET,
@@ -99,7 +109,17 @@ def make_proxy(ca: trustme.CA, fapi: FAPI) -> Iterator[Callable[..., Proxy]]:
         }
         settings.update(overrides)
         config = ProxyConfig(**settings)
-        resource = FrontendAPIProxy(config, reactor, trustRoot=trust_root(ca))
+        upstream = None
+        if endpoint is not None:
+            upstream = UpstreamPool(
+                reactor,
+                endpoint,
+                maxConnections=config.pool_size,
+                idleTimeout=config.pool_idle_timeout,
+            )
+        resource = FrontendAPIProxy(
+            config, reactor, trustRoot=trust_root(ca), upstream=upstream
+        )
         site = (site_factory or build_site)(resource, reactor)
         proxy = Proxy(resource, site)
         started.append(proxy)

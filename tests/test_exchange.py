@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from test_pool import RESPONSE, FakeEndpoint, serve_one
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -140,7 +143,7 @@ def test_the_timer_stops_once_fapi_answers() -> None:
     client.dataReceived(b"GET /__clerk/v1/environment HTTP/1.1\r\nHost: a\r\n\r\n")
     upstream, _ = rig.endpoint.complete()
     upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
-    rig.clock.advance(60)
+    rig.clock.advance(59)  # past the upstream timeout, within the read one
     upstream.dataReceived(b"world")
     out = client_transport.value()
     assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"helloworld")
@@ -223,6 +226,357 @@ def test_a_finished_exchange_leaves_no_reference_cycle() -> None:
             upstream.dataReceived(RESPONSE)
             assert client_transport.value().endswith(b"ok")
             client_transport.clear()
+        gc.collect()
+        leaked = [o for o in gc.garbage if isinstance(o, Exchange | StreamingRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert leaked == []
+
+
+# -- phases -----------------------------------------------------------------
+
+
+def record_phases(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from clerkproxy._exchange import Exchange, Phase
+
+    seen: list[str] = []
+    enter = Exchange._enter
+
+    def recording(self: Exchange, phase: Phase) -> None:
+        enter(self, phase)
+        seen.append(phase.value)
+
+    monkeypatch.setattr(Exchange, "_enter", recording)
+    return seen
+
+
+def test_a_get_walks_connecting_awaiting_relaying_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = record_phases(monkeypatch)
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, _ = rig.endpoint.complete()
+    upstream.dataReceived(RESPONSE)
+    assert client_transport.value().endswith(b"ok")
+    assert seen == ["awaiting", "relaying", "done"]
+
+
+def test_an_upload_walks_through_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_phases(monkeypatch)
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc"
+    )
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert seen == ["sending"]
+    client.dataReceived(b"def")
+    assert upstream_transport.value().endswith(b"abcdef")
+    upstream.dataReceived(RESPONSE)
+    assert seen == ["sending", "awaiting", "relaying", "done"]
+
+
+def test_a_client_leaving_while_fapi_thinks_orphans_the_exchange(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = record_phases(monkeypatch)
+    rig = Rig()
+    client, _ = rig.client()
+    client.dataReceived(b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, _ = rig.endpoint.complete()
+    client.connectionLost(Failure(ConnectionDone()))
+    upstream.dataReceived(RESPONSE)
+    assert seen == ["awaiting", "orphaned", "done"]
+
+
+def test_a_transition_not_in_the_table_is_refused() -> None:
+    from clerkproxy._exchange import Exchange, Phase
+
+    exchange = Exchange.__new__(Exchange)
+    exchange._phase = Phase.DONE
+    with pytest.raises(AssertionError, match="RELAYING"):
+        exchange._enter(Phase.RELAYING)
+    exchange._phase = Phase.RELAYING
+    with pytest.raises(AssertionError):
+        exchange._enter(Phase.CONNECTING)
+
+
+# -- deadlines ----------------------------------------------------------------
+
+
+GET = b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def test_the_504_comes_exactly_at_the_upstream_timeout() -> None:
+    """
+    One timer serves every exchange, yet each gets its own exact deadline,
+    also when the timer was set for an exchange that has since gone.
+    """
+    rig = Rig()
+    first, first_transport = rig.client()
+    first.dataReceived(GET)  # at 0; answered at 1, so the timer's item goes
+    upstream, _ = rig.endpoint.complete()
+    rig.clock.advance(1.0)
+    upstream.dataReceived(RESPONSE)
+    clients = []
+    for start in (1.25, 3.5, 3.55):
+        rig.clock.advance(start - rig.clock.seconds())
+        client, transport = rig.client()
+        client.dataReceived(GET)
+        clients.append((start, transport))
+    for start, transport in clients:
+        rig.clock.advance(start + 7.0 - 0.001 - rig.clock.seconds())
+        assert transport.value() == b""
+        rig.clock.advance(0.001)
+        assert transport.value().startswith(b"HTTP/1.1 504 "), start
+    assert rig.proxy.metrics.timeouts["upstream"] == 3
+    assert rig.proxy.metrics.upstreamErrors == {"timeout": 3}
+
+
+def test_a_stalled_body_gets_a_408_and_fapi_hears_no_more() -> None:
+    rig = Rig(upstream_timeout=100.0)
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    upstream, upstream_transport = rig.endpoint.complete()
+    rig.clock.advance(29.0)
+    client.dataReceived(b"d")  # progress: the body deadline starts again
+    rig.clock.advance(29.0)
+    assert client_transport.value() == b""
+    rig.clock.advance(1.0)
+    out = client_transport.value()
+    assert out.startswith(b"HTTP/1.1 408 ")
+    assert b"proxy_body_timeout" in out and b"Connection: close" in out
+    assert upstream_transport.disconnecting  # aborted, never pooled half-sent
+    assert rig.pool.idleConnections == 0
+    assert rig.proxy.metrics.timeouts["body"] == 1
+    assert rig.proxy.metrics.upstreamErrors == {}
+
+
+def test_a_stalled_body_while_connecting_gets_a_408() -> None:
+    rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    rig.clock.advance(5.0)
+    assert client_transport.value().startswith(b"HTTP/1.1 408 ")
+    # The request that asked for it is gone: the connection goes unused.
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert upstream_transport.value() == b""
+
+
+def test_the_body_deadline_stops_while_fapi_holds_the_upload_back() -> None:
+    rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    upstream, upstream_transport = rig.endpoint.complete()
+    upstream_transport.producer.pauseProducing()  # FAPI's socket is full
+    rig.clock.advance(50.0)
+    assert client_transport.value() == b""
+    upstream_transport.producer.resumeProducing()
+    rig.clock.advance(4.9)
+    assert client_transport.value() == b""
+    rig.clock.advance(0.1)
+    assert client_transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+def test_the_body_deadline_stops_while_the_hold_is_full() -> None:
+    rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"PUT /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+        + b"b" * 70000
+    )
+    assert client_transport.producerState == "paused"
+    rig.clock.advance(50.0)
+    assert client_transport.value() == b""
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert client_transport.producerState == "producing"
+    rig.clock.advance(5.0)
+    assert client_transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+def test_fapi_answering_early_ends_the_upload() -> None:
+    rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    upstream, upstream_transport = rig.endpoint.complete()
+    upstream.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n")
+    client.dataReceived(b"def")  # no longer relayed
+    assert upstream_transport.value().endswith(b"abc")
+    rig.clock.advance(50.0)  # no body deadline: nothing more is awaited
+    upstream.dataReceived(b"no")
+    out = client_transport.value()
+    assert out.startswith(b"HTTP/1.1 401 ") and out.endswith(b"no")
+    assert b"Connection: close" in out
+    assert rig.pool.idleConnections == 0  # FAPI still expects body bytes
+
+
+def test_a_silent_fapi_body_is_cut_at_the_read_deadline() -> None:
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(GET)
+    upstream, upstream_transport = rig.endpoint.complete()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+    rig.clock.advance(59.0)
+    upstream.dataReceived(b"wo")  # progress
+    rig.clock.advance(59.0)
+    assert not client_transport.disconnecting
+    rig.clock.advance(1.0)
+    assert client_transport.disconnected  # aborted: the truncation shows
+    assert upstream_transport.disconnecting
+    assert client_transport.value().endswith(b"hellowo")
+    assert rig.pool.idleConnections == 0
+    assert rig.proxy.metrics.timeouts["upstream_read"] == 1
+    assert rig.proxy.metrics.upstreamErrors == {"timeout": 1}
+    upstream.dataReceived(b"rld")  # too late: goes nowhere
+    assert client_transport.value().endswith(b"hellowo")
+
+
+def test_fapi_held_back_for_a_slow_client_is_not_a_read_timeout() -> None:
+    rig = Rig(upstream_read_timeout=60.0, send_timeout=300.0)
+    client, client_transport = rig.client()
+    client.dataReceived(GET)
+    upstream, upstream_transport = rig.endpoint.complete()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+    channel = client_transport.producer
+    channel.pauseProducing()  # the client's socket is full
+    assert upstream_transport.producerState == "paused"
+    rig.clock.advance(200.0)
+    assert not client_transport.disconnecting
+    channel.resumeProducing()
+    assert upstream_transport.producerState == "producing"
+    rig.clock.advance(59.0)
+    assert not client_transport.disconnecting
+    rig.clock.advance(1.0)
+    assert client_transport.disconnected
+    assert rig.proxy.metrics.timeouts["upstream_read"] == 1
+    assert rig.proxy.metrics.timeouts["send"] == 0
+
+
+class SlowSocket(FileDescriptor):
+    """A client's socket that takes only the bytes the test lets through."""
+
+    def __init__(self, reactor: Any) -> None:
+        FileDescriptor.__init__(self, reactor)
+        self.connected = True
+        self.allowance = 0
+        self.taken = b""
+        self.aborted = False
+
+    def writeSomeData(self, data: bytes) -> int:
+        n = min(len(data), self.allowance)
+        self.allowance -= n
+        self.taken += bytes(data[:n])
+        return n
+
+    def drain(self, n: int) -> None:
+        self.allowance += n
+        self.doWrite()
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.disconnecting = True
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "192.0.2.7", 50000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+
+def slow_client(rig: Rig) -> tuple[Any, SlowSocket, Any, StringTransport]:
+    """A client that reads slowly, mid-way through a 1 MB answer."""
+    client = rig.site.buildProtocol(None)
+    socket = SlowSocket(rig.clock)
+    client.makeConnection(socket)
+    client.dataReceived(GET)
+    upstream, upstream_transport = rig.endpoint.complete()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    upstream.dataReceived(b"x" * 200000)
+    assert upstream_transport.producerState == "paused"  # the client is full
+    return client, socket, upstream, upstream_transport
+
+
+def test_a_client_that_takes_nothing_is_cut_at_the_send_deadline() -> None:
+    rig = Rig()
+    client, socket, upstream, upstream_transport = slow_client(rig)
+    rig.clock.advance(59.9)
+    assert not socket.aborted
+    rig.clock.advance(0.1)
+    assert socket.aborted
+    assert upstream_transport.disconnecting
+    assert rig.pool.idleConnections == 0
+    assert rig.proxy.metrics.timeouts == {
+        "header": 0,
+        "body": 0,
+        "upstream": 0,
+        "upstream_read": 0,
+        "send": 1,
+        "idle": 0,
+    }
+    assert rig.proxy.metrics.upstreamErrors == {}
+    client.connectionLost(Failure(ConnectionDone()))  # and nothing breaks
+
+
+def test_a_client_that_takes_a_little_gets_another_period() -> None:
+    rig = Rig()
+    client, socket, upstream, upstream_transport = slow_client(rig)
+    for _ in range(3):
+        rig.clock.advance(30.0)
+        socket.drain(1)  # one byte every 30 s
+        rig.clock.advance(30.0)
+        assert not socket.aborted
+    rig.clock.advance(60.0)  # then nothing for a whole period (and more)
+    rig.clock.advance(60.0)
+    assert socket.aborted
+    assert rig.proxy.metrics.timeouts["send"] == 1
+
+
+def test_a_client_that_catches_up_resumes_fapi() -> None:
+    rig = Rig()
+    client, socket, upstream, upstream_transport = slow_client(rig)
+    rig.clock.advance(50.0)
+    socket.drain(10**7)  # everything: Twisted resumes the relay
+    assert upstream_transport.producerState == "producing"
+    rig.clock.advance(50.0)  # no send deadline now; the read one restarted
+    assert not socket.aborted
+    upstream.dataReceived(b"x" * 800000)
+    socket.drain(10**7)
+    assert socket.taken.endswith(b"x" * 1000)
+    assert not socket.aborted
+    assert rig.pool.idleConnections == 1
+    assert sum(rig.proxy.metrics.timeouts.values()) == 0
+
+
+def test_a_client_leaving_mid_relay_leaves_no_reference_cycle() -> None:
+    """
+    The request cannot unregister its producer once the connection is
+    gone; the exchange drops that reference itself.
+    """
+    import gc
+
+    from clerkproxy._exchange import Exchange
+    from clerkproxy._request import StreamingRequest
+
+    rig = Rig()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        client, socket, upstream, _ = slow_client(rig)
+        socket.connectionLost(Failure(ConnectionDone()))  # as a TCP socket does
+        client.connectionLost(Failure(ConnectionDone()))
+        rig.clock.removeAll()
+        del client, socket, upstream
         gc.collect()
         leaked = [o for o in gc.garbage if isinstance(o, Exchange | StreamingRequest)]
     finally:

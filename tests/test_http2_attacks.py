@@ -211,7 +211,7 @@ async def test_a_reader_that_never_opens_its_window_is_cut_by_the_send_deadline(
     clock.advance(2)
     await within(big.done)
     assert big.reset == ErrorCodes.CANCEL and not big.ended
-    assert events(h2proxy)["send_timeout"] == 1
+    assert h2proxy.metrics.timeouts["send"] == 1
     # FAPI's side of that exchange is closed, not left paused.
     [state] = fapi.recorder.streams
     while state["left"] != -1:

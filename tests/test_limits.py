@@ -22,6 +22,7 @@ def connect(
     protocol = site.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
+    resource.timeouts = site.metrics.timeouts  # type: ignore[attr-defined]
     return protocol, transport, resource
 
 
@@ -38,6 +39,7 @@ def test_a_trickled_head_is_cut_off_at_the_header_deadline() -> None:
     assert transport.disconnecting
     assert resource.rendered == []
     assert 9.9 <= clock.seconds() <= 10.6
+    assert resource.timeouts["header"] == 1  # type: ignore[attr-defined]
 
 
 def test_a_silent_new_connection_is_closed_at_the_header_deadline() -> None:
@@ -59,9 +61,18 @@ def test_idle_keep_alive_connections_close_after_the_idle_timeout() -> None:
     protocol.dataReceived(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n")
     clock.advance(4.9)
     assert not transport.disconnecting and len(resource.rendered) == 2
+    assert resource.timeouts["idle"] == 0  # type: ignore[attr-defined]
     clock.advance(0.2)
     assert transport.disconnecting
     assert b"408" not in transport.value()
+    assert resource.timeouts == {  # type: ignore[attr-defined]
+        "header": 0,
+        "body": 0,
+        "upstream": 0,
+        "upstream_read": 0,
+        "send": 0,
+        "idle": 1,
+    }
 
 
 def test_a_second_request_gets_its_own_header_deadline() -> None:

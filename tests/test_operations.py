@@ -32,6 +32,7 @@ from twisted.web.server import Site
 from clerkproxy import build_site
 from clerkproxy._accesslog import AccessLog
 from clerkproxy._admin import admin_site
+from clerkproxy._config import Timeouts
 from clerkproxy._proxy import AppProxy, EdgeRouter
 from clerkproxy._upstream import UpstreamPool, app_endpoint
 
@@ -257,8 +258,9 @@ async def test_upstream_errors_are_counted_by_kind(make_proxy: Any, fapi: Any) -
         proxy.port, b"GET /__clerk/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
     assert proxy.site.metrics.upstreamErrors == {"connect": 1}
-    slow = make_proxy(fapi_url=f"https://localhost:{port}", upstream_timeout=0.2)
-    slow.resource.upstream._endpoint = _Never()
+    slow = make_proxy(
+        fapi_url=f"https://localhost:{port}", upstream_timeout=0.2, endpoint=_Never()
+    )
     await raw_request(
         slow.port, b"GET /__clerk/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
@@ -392,7 +394,7 @@ async def test_everything_outside_the_prefix_goes_to_the_app(
                 b"",
                 resource.clientAddress,
                 1 << 20,
-                5.0,
+                Timeouts(5.0),
                 resource.metrics,
             )
             return build_site(EdgeRouter(resource, app), clock)

@@ -191,3 +191,130 @@ def test_never_more_connections_than_the_cap(maximum: int) -> None:
     for _ in range(10):
         p.acquire()
     assert len(endpoint.attempts) == maximum
+
+
+# -- the queue: a cancelled wait leaves it exactly once ---------------------------
+
+
+def test_cancelling_a_wait_whose_connection_is_being_made() -> None:
+    """
+    A request given a connection attempt gives up before it completes: it
+    hears CancelledError once, and the connection, when made, goes idle.
+    """
+    p, endpoint, clock = pool(maximum=1)
+    p.acquire()
+    busy, busy_transport = endpoint.complete(0)
+    waiting = p.acquire()
+    errors: list[Any] = []
+    waiting.addErrback(errors.append)
+    busy.connectionLost(Exception("FAPI closed it"))  # type: ignore[arg-type]
+    assert len(endpoint.attempts) == 2  # an attempt for the queued request
+    waiting.cancel()
+    assert len(errors) == 1 and errors[0].check(CancelledError)
+    assert p.queuedRequests == 0 and p.connectingConnections == 1
+    fresh, fresh_transport = endpoint.complete(1)
+    assert p.idleConnections == 1 and fresh_transport.value() == b""
+    assert p.connectingConnections == 0 and p.busyConnections == 0
+    got: list[Any] = []
+    p.acquire().addCallback(got.append)
+    assert got == [fresh] and fresh.reused
+    assert len(errors) == 1
+
+
+def test_a_connection_made_for_nobody_after_close_is_closed() -> None:
+    p, endpoint, _ = pool(maximum=1)
+    waiting = p.acquire()
+    waiting.addErrback(lambda f: None)
+    p.close()
+    assert waiting.called
+    proto, transport = endpoint.complete()
+    assert transport.disconnecting and p.idleConnections == 0
+
+
+def test_a_failed_attempt_fails_the_longest_waiting_request() -> None:
+    p, endpoint, _ = pool(maximum=2)
+    outcomes: list[Any] = []
+    for n in range(3):
+        p.acquire().addBoth(lambda r, n=n: outcomes.append((n, r)))
+    assert len(endpoint.attempts) == 2
+    endpoint.attempts[0][1].errback(ConnectionRefusedError())
+    assert [n for n, _ in outcomes] == [0]
+    assert len(endpoint.attempts) == 3  # the third request's turn
+    proto, _ = endpoint.complete(1)
+    assert outcomes[-1] == (1, proto)
+
+
+def test_a_cancelled_wait_then_a_failed_attempt_fails_nobody_else() -> None:
+    p, endpoint, _ = pool(maximum=2)
+    first = p.acquire()
+    second: list[Any] = []
+    p.acquire().addBoth(second.append)
+    first.addErrback(lambda f: None)
+    first.cancel()
+    endpoint.attempts[0][1].errback(ConnectionRefusedError())
+    assert second == []  # the other attempt is still meant for it
+    proto, _ = endpoint.complete(1)
+    assert second == [proto]
+
+
+# -- capacity: a relayed body leaves the cap -----------------------------------------
+
+
+def start_relay(proto: Any) -> Recorder:
+    """A request whose answer's body has begun and is far from done."""
+    exchange = Recorder()
+    proto.send(exchange, HEAD, False, None)
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nstart")
+    return exchange
+
+
+def test_relaying_connections_leave_the_cap() -> None:
+    p, endpoint, _ = pool(maximum=2)
+    got: list[Any] = []
+    p.acquire().addCallback(got.append)
+    p.acquire().addCallback(got.append)
+    p.acquire().addCallback(got.append)
+    assert len(endpoint.attempts) == 2
+    a, ta = endpoint.complete(0)
+    b, tb = endpoint.complete(1)
+    start_relay(a)
+    assert p.relayingConnections == 1 and p.busyConnections == 1
+    assert len(endpoint.attempts) == 3  # the queued request goes ahead
+    c, tc = endpoint.complete(2)
+    assert got == [a, b, c]
+    start_relay(b)
+    assert p.relayingConnections == 2
+    # The bodies end: a goes idle (one busy + one idle = the cap), b is one
+    # too many and closes.
+    a.dataReceived(b"x" * 995)
+    assert p.idleConnections == 1 and not ta.disconnecting
+    b.dataReceived(b"x" * 995)
+    assert tb.disconnecting and p.idleConnections == 1
+    assert p.relayingConnections == 0 and p.busyConnections == 1
+
+
+def test_a_body_that_ends_unreusable_leaves_when_lost() -> None:
+    p, endpoint, _ = pool(maximum=1)
+    p.acquire()
+    a, ta = endpoint.complete()
+    exchange = Recorder()
+    a.send(exchange, HEAD, False, None)
+    a.dataReceived(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 4\r\n\r\nab"
+    )
+    assert p.relayingConnections == 1
+    a.dataReceived(b"cd")
+    assert ta.disconnecting and p.relayingConnections == 1 and p.openConnections == 1
+    a.connectionLost(Exception("closed"))  # type: ignore[arg-type]
+    assert p.relayingConnections == 0 and p.openConnections == 0
+
+
+def test_relaying_connections_close_when_the_pool_closed() -> None:
+    p, endpoint, _ = pool(maximum=2)
+    p.acquire()
+    a, ta = endpoint.complete()
+    start_relay(a)
+    p.close()
+    assert not ta.disconnecting  # its answer is still being relayed
+    a.dataReceived(b"x" * 995)
+    assert ta.disconnecting

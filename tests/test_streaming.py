@@ -16,6 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import globalLogPublisher
 
+from clerkproxy._upstream import fapi_endpoint
+
 
 def sleep(seconds: float) -> Deferred[None]:
     return task.deferLater(reactor, seconds)
@@ -48,12 +50,33 @@ class TrackingSite:
         return site
 
 
+class WatchingEndpoint:
+    """Remembers the connections an endpoint makes."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+        self.connections: list[Any] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def made(protocol: Any) -> Any:
+            self.connections.append(protocol)
+            return protocol
+
+        d: Deferred[Any] = self._endpoint.connect(factory)
+        return d.addCallback(made)
+
+
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_pauses_fapi_and_memory_stays_bounded(
-    make_proxy: Any, fapi: Any
+    make_proxy: Any, fapi: Any, ca: Any
 ) -> None:
+    from conftest import trust_root
+
     tracking = TrackingSite()
-    proxy = make_proxy(site_factory=tracking)
+    watching = WatchingEndpoint(
+        fapi_endpoint(reactor, "localhost", fapi.port.getHost().port, trust_root(ca), 5)
+    )
+    proxy = make_proxy(site_factory=tracking, endpoint=watching)
     size = 128 * 1024 * 1024
     client = await connect_raw(proxy.port)
     client.transport.pauseProducing()  # a client that reads nothing
@@ -70,7 +93,8 @@ async def test_slow_reader_pauses_fapi_and_memory_stays_bounded(
     assert stream["paused"]
     # ... and the proxy itself holds a bounded amount for this client.
     assert buffered(server.transport) < 512 * 1024
-    [upstream] = proxy.resource.upstream._open
+    [upstream] = watching.connections
+    assert proxy.resource.upstream.relayingConnections == 1  # outside the cap
     assert buffered(upstream.transport.transport) < 512 * 1024
     # Reading again drains everything, byte-exact.
     client.transport.resumeProducing()
@@ -258,25 +282,35 @@ async def test_untrusted_certificate_is_a_502(make_proxy: Any, fapi: Any) -> Non
     from conftest import trust_root
 
     stranger = trustme.CA()
-    proxy = make_proxy()
-    proxy.resource.upstream._endpoint = __import__(
-        "clerkproxy._upstream", fromlist=["x"]
-    ).fapi_endpoint(
-        reactor, "localhost", fapi.port.getHost().port, trust_root(stranger), 5.0
+    proxy = make_proxy(
+        endpoint=fapi_endpoint(
+            reactor, "localhost", fapi.port.getHost().port, trust_root(stranger), 5.0
+        )
     )
     status, _, body = await _error_case(proxy)
     assert status == 502 and body["errors"][0]["code"] == "proxy_request_failed"
     assert fapi.seen == []
+    assert proxy.resource.metrics.upstreamErrors == {"tls": 1}
 
 
 @pytest_twisted.ensureDeferred
-async def test_wrong_hostname_is_a_502(make_proxy: Any, fapi: Any) -> None:
-    port = fapi.port.getHost().port
-    proxy = make_proxy(fapi_url=f"https://127.0.0.2:{port}")
-    # The certificate names localhost and 127.0.0.1, not 127.0.0.2.
-    status, _, body = await _error_case(proxy)
+async def test_wrong_hostname_is_a_502_counted_as_tls(
+    make_proxy: Any, fapi: Any, ca: Any
+) -> None:
+    from conftest import _server_options
+
+    # A server the proxy reaches, with a certificate from the trusted CA,
+    # but for another name than the one the proxy asked for.
+    options = _server_options(ca.issue_cert("wrong.example"))
+    wrong = reactor.listenSSL(0, fapi.site, options, interface="127.0.0.1")
+    try:
+        proxy = make_proxy(fapi_url=f"https://127.0.0.1:{wrong.getHost().port}")
+        status, _, body = await _error_case(proxy)
+    finally:
+        await wrong.stopListening()
     assert status == 502
     assert fapi.seen == []
+    assert proxy.resource.metrics.upstreamErrors == {"tls": 1}
 
 
 @pytest_twisted.ensureDeferred

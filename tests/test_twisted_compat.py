@@ -213,3 +213,36 @@ def test_clear_tls_options() -> None:
     compat.clear_tls_options(options, SSL.OP_CIPHER_SERVER_PREFERENCE)
     context = options.getContext()
     assert not context.set_options(0) & SSL.OP_CIPHER_SERVER_PREFERENCE
+
+
+def test_write_buffered() -> None:
+    """FileDescriptor.dataBuffer, offset and _tempDataLen: what a socket
+    transport has not sent yet, found under wrapping transports."""
+    from twisted.internet.abstract import FileDescriptor
+    from twisted.internet.testing import MemoryReactor
+
+    class Socket(FileDescriptor):
+        taking = 0
+
+        def writeSomeData(self, data: bytes) -> int:
+            taken = min(len(data), self.taking)
+            self.taking -= taken
+            return taken
+
+    class Wrapper:  # what TLSMemoryBIOProtocol and HAProxy wrappers look like
+        def __init__(self, transport: object) -> None:
+            self.transport = transport
+
+    socket = Socket(MemoryReactor())
+    socket.connected = True
+    assert compat.write_buffered(Wrapper(Wrapper(socket))) == 0
+    socket.write(b"a" * 100)
+    socket.writeSequence([b"b" * 50])
+    assert compat.write_buffered(socket) == 150
+    socket.taking = 30
+    socket.doWrite()
+    assert compat.write_buffered(Wrapper(socket)) == 120
+    socket.write(b"c" * 10)
+    assert compat.write_buffered(socket) == 130
+    assert compat.write_buffered(StringTransport()) is None
+    assert compat.write_buffered(None) is None

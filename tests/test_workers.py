@@ -169,3 +169,103 @@ def test_a_taken_port_is_a_clear_error(workers: str) -> None:
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "cannot listen" in output and "Traceback" not in output
+
+
+def _admin(port: int, path: str) -> tuple[int, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    return response.status, body
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_admin_port_adds_up_every_worker(
+    fapi: Any, ca: trustme.CA, tmp_path: Path
+) -> None:
+    port, admin = free_port(), free_port()
+    process = start_against(
+        fapi,
+        ca,
+        tmp_path,
+        [
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--workers",
+            "2",
+            "--admin-port",
+            f"tcp:{admin}:interface=127.0.0.1",
+        ],
+    )
+
+    def scenario() -> dict[str, Any]:
+        wait_listening(port, process)
+        wait_listening(admin, process)
+        wait_for(lambda: len(children(process.pid)) == 2)
+        wait_for(lambda: _admin(admin, "/readyz")[0] == 200)
+        seen: dict[str, Any] = {"ready": _admin(admin, "/readyz")}
+        first, second = children(process.pid)
+        statuses = []
+        # 3 requests to one worker and 4 to the other: freeze the other.
+        for frozen, count in ((first, 3), (second, 4)):
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                statuses += [get(port) for _ in range(count)]
+                if frozen == first:
+                    seen["frozen"] = _admin(admin, "/readyz")
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+        seen["statuses"] = statuses
+        seen["metrics"] = _admin(admin, "/metrics")
+        # A worker that dies keeps its counts in the totals.
+        os.kill(first, signal.SIGKILL)
+        wait_for(
+            lambda: (
+                len(children(process.pid)) == 2 and first not in children(process.pid)
+            )
+        )
+        wait_for(lambda: _admin(admin, "/readyz")[0] == 200)
+        statuses.append(get(port))
+        seen["after"] = _admin(admin, "/metrics")
+        return seen
+
+    try:
+        seen = await deferToThread(scenario)
+    finally:
+        await deferToThread(stop, process)
+    assert seen["statuses"] == [200] * 8
+    assert seen["ready"][0] == 200
+    assert seen["ready"][1].count(": ready") == 2
+    status, body = seen["frozen"]
+    assert status == 503 and "not answering" in body and ": ready" in body
+    status, text = seen["metrics"]
+    assert status == 200
+    requests = _samples(text, "clerkproxy_requests_total")
+    assert requests == [({"method": "GET", "code": "200", "protocol": "HTTP/1.1"}, 7.0)]
+    assert _samples(text, "clerkproxy_request_duration_seconds_count") == [({}, 7.0)]
+    buckets = _samples(text, "clerkproxy_request_duration_seconds_bucket")
+    assert buckets[-1] == ({"le": "+Inf"}, 7.0)
+    connections = _samples(text, "clerkproxy_client_connections")
+    assert sorted(labels["worker"] for labels, _ in connections) == ["0", "1"]
+    assert _samples(text, "clerkproxy_workers_answering") == [({}, 2.0)]
+    # One FAPI connection per worker: each served requests.
+    opened = _samples(text, "clerkproxy_upstream_connections_opened_total")
+    assert opened == [({}, 2.0)]
+    _, after = seen["after"]
+    assert _samples(after, "clerkproxy_requests_total") == [
+        ({"method": "GET", "code": "200"}, 8.0)
+    ]

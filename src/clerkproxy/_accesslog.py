@@ -113,6 +113,7 @@ class AccessLog:
         upstreamSeconds: float | None,
         reused: bool | None,
         protocol: str = "HTTP/1.1",
+        site: str | None = None,
     ) -> None:
         record: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
@@ -129,6 +130,8 @@ class AccessLog:
             "upstream_reused": reused,
             "protocol": protocol,
         }
+        if site is not None:
+            record["site"] = site
         self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

@@ -26,8 +26,14 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics, draining: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        draining: Callable[[], bool],
+        waiting: Callable[[], str | None] = lambda: None,
+    ) -> None:
         Resource.__init__(self)
+        self._waiting = waiting
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(MetricsCollector(metrics))
         self._draining = draining
@@ -45,6 +51,10 @@ class AdminResource(Resource):
             if self._draining():
                 request.setResponseCode(503)
                 return b"draining\n"
+            waiting = self._waiting()
+            if waiting is not None:
+                request.setResponseCode(503)
+                return f"waiting: {waiting}\n".encode()
             return b"ready\n"
         request.setResponseCode(404)
         return b"not found\n"
@@ -53,8 +63,15 @@ class AdminResource(Resource):
 
 
 def admin_site(
-    metrics: Metrics, draining: Callable[[], bool], reactor: IReactorTime
+    metrics: Metrics,
+    draining: Callable[[], bool],
+    reactor: IReactorTime,
+    waiting: Callable[[], str | None] = lambda: None,
 ) -> Site:
-    site = Site(AdminResource(metrics, draining), reactor=reactor)
+    """
+    @param waiting: Why the process is not ready yet (for example, names
+        with no certificate), or L{None} once it is.
+    """
+    site = Site(AdminResource(metrics, draining, waiting), reactor=reactor)
     site.log = lambda request: None  # type: ignore[method-assign]
     return site

@@ -194,8 +194,10 @@ class StreamingChannel(http.HTTPChannel):
     def expired(self) -> None:
         """A deadline passed: the head never completed, or nothing came."""
         if self._phase == _HEAD:
+            self.site.metrics.timedOut("header")
             self._refuse(408)
         elif self._phase == _IDLE:
+            self.site.metrics.timedOut("idle")
             http.HTTPChannel.loseConnection(self)
 
     @property

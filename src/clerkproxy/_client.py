@@ -4,70 +4,37 @@ A lean HTTP/1.1 client connection to FAPI, one exchange at a time.
 Twisted's C{HTTP11ClientProtocol} is correct but costly per request: a
 parser object, a response object, a transport proxy, half a dozen
 L{Deferred}s, and a pause and resume of the socket around every response
-head.  This protocol parses a response with a few C{bytes} operations and
-tells its L{IExchange} directly, and it is the push producer the client's
-request pauses when the browser reads slowly.
-
-What it accepts from FAPI is strict, because the headers are copied into a
-response to a browser without being parsed again: a status line of HTTP/1.0
-or 1.1, header names that are tokens, values with no CR, LF or NUL, one
-coherent framing (C{chunked} last, or matching C{Content-Length}s).
-Anything else fails the exchange with L{UpstreamProtocolError}.
+head.  This protocol is glue: it writes request heads and bodies, feeds
+what it reads to a L{ResponseReader} (which does all the parsing, see
+C{_reader.py}), tells its L{IExchange} directly about what the reader
+found, and is the push producer the client's request pauses when the
+browser reads slowly.  It knows nothing of the pool that owns it: it
+reports through three callbacks (Twisted's C{quiescentCallback} pattern).
 """
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http_headers import InvalidHeaderName
 from zope.interface import implementer
 
-from ._twisted_compat import encode_header_name
-
-if TYPE_CHECKING:
-    from ._upstream import UpstreamPool
+from ._reader import Event, ResponseHead, ResponseReader, UpstreamProtocolError
 
 __all__ = ["IExchange", "UpstreamConnection", "UpstreamProtocolError"]
 
-_MAX_HEAD = 64 * 1024
-_MAX_CHUNK_LINE = 4096
-_NO_BODY_STATUS = (204, 304)
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
-_BAD_VALUE = re.compile(rb"[\x00\r\n]").search
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (.*))?\Z", re.DOTALL).match
-_CONNECTION_CONTROL = frozenset(
-    {
-        b"Connection",
-        b"Keep-Alive",
-        b"Proxy-Connection",
-        b"Transfer-Encoding",
-        b"Content-Length",
-        b"Upgrade",
-        b"TE",
-        b"Trailer",
-    }
-)
-
-# Response body framing.
-_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-# Where the connection is.
-_IDLE, _HEAD, _BODY, _DEAD = range(4)
-# Chunked decoder states.
-_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-
-
-class UpstreamProtocolError(Exception):
-    """FAPI sent something this client will not relay."""
-
 
 class IExchange(Protocol):
-    """What a connection tells the exchange it is serving."""
+    """What a connection tells the exchange it is serving.  Each exchange
+    hears C{responseStarted} at most once, then any number of
+    C{responseData}, then exactly one of C{responseDone} or
+    C{upstreamFailed}, unless it aborts the connection first (after which
+    it hears nothing)."""
 
     def responseStarted(
         self,
@@ -76,13 +43,50 @@ class IExchange(Protocol):
         headers: dict[bytes, list[bytes]],
         length: int | None,
         connection: dict[bytes, list[bytes]],
-    ) -> None: ...
+    ) -> None:
+        """
+        FAPI's final response head arrived.
 
-    def responseData(self, data: bytes) -> None: ...
+        @param headers: The end-to-end fields, by canonical name.
+        @param length: The body length if C{Content-Length} frames it.
+        @param connection: The hop-by-hop framing fields.
+        """
 
-    def responseDone(self) -> None: ...
+    def responseData(self, data: bytes) -> None:
+        """Body bytes, framing removed."""
 
-    def upstreamFailed(self, reason: Failure, nothingReceived: bool) -> None: ...
+    def responseDone(self) -> None:
+        """The response is complete.  The connection has already gone
+        back to its owner (or is closing): never touch it again."""
+
+    def upstreamFailed(self, reason: Failure, nothingReceived: bool) -> None:
+        """
+        The exchange failed: connection lost, or FAPI's answer refused
+        (L{UpstreamProtocolError}).
+
+        @param nothingReceived: Not one byte of an answer arrived, so a
+            request that is safe to repeat may be retried elsewhere.
+        """
+
+
+ConnectionCallback = Callable[["UpstreamConnection"], None]
+
+
+def _ignore(connection: UpstreamConnection) -> None:
+    pass
+
+
+# The connection's states; see UpstreamConnection.
+IDLE = "IDLE"
+SENDING = "SENDING"
+AWAITING_HEAD = "AWAITING_HEAD"
+RELAYING = "RELAYING"
+RELAYING_WHILE_SENDING = "RELAYING_WHILE_SENDING"
+CLOSING = "CLOSING"
+LOST = "LOST"
+
+_UPLOADING = (SENDING, RELAYING_WHILE_SENDING)
+_READING = (SENDING, AWAITING_HEAD, RELAYING, RELAYING_WHILE_SENDING)
 
 
 @implementer(IPushProducer)
@@ -90,27 +94,80 @@ class UpstreamConnection(TwistedProtocol):
     """
     One persistent connection to FAPI.
 
-    @ivar reused: Whether this connection served an earlier request.
-    @ivar idleSince: When it last went back to the pool.
+    Its state is C{_state}, one of:
+
+     - C{IDLE}: connected, no request outstanding.  Bytes from FAPI now are
+       out of step: the connection is aborted.
+     - C{SENDING}: a request head went out, its body is still being written
+       (L{writeBody}), no response head yet.
+     - C{AWAITING_HEAD}: the request is all sent; waiting for the head.
+     - C{RELAYING}: the head arrived and a body follows.
+     - C{RELAYING_WHILE_SENDING}: FAPI answered before the request body
+       ended (an early 413, say); its body is being relayed.
+     - C{CLOSING}: closed by us (politely or aborted); waiting for the
+       transport to say it is gone.  Bytes read now are ignored.
+     - C{LOST}: the transport is gone.  Final.
+
+    Transitions, with the callback each makes:
+
+     - C{IDLE} -> C{SENDING} or C{AWAITING_HEAD}: L{send}, with or
+       without a body to follow.
+     - C{SENDING} -> C{AWAITING_HEAD}: L{endBody}.
+     - C{RELAYING_WHILE_SENDING} -> C{RELAYING}: L{endBody}.
+     - C{SENDING} -> C{RELAYING_WHILE_SENDING}, C{AWAITING_HEAD} ->
+       C{RELAYING}: a head with a body arrived; C{responseStarted}.  If
+       the read that brought the head ends with the body still to come,
+       C{onRelaying}.  (Most answers arrive whole in one read: they go
+       from waiting straight back to idle as far as the owner can tell,
+       and a queued request can take the connection itself.)
+     - C{AWAITING_HEAD} or C{RELAYING} -> C{IDLE}: the response ended and
+       the connection can take another request (FAPI keeps it alive, and
+       no byte beyond the response arrived); C{onIdle}, then
+       C{responseDone}.
+     - any reading state -> C{CLOSING}: the response ended but the
+       connection cannot be reused (FAPI closes it, it sent bytes beyond
+       the response, or it answered before the request body ended); the
+       transport is closed politely, then C{responseDone}.
+     - any reading state -> C{CLOSING}: a protocol error; the transport is
+       aborted, then C{upstreamFailed}.
+     - any state -> C{CLOSING}: L{abort} (the exchange gave up; it is not
+       told), or L{close}/L{closed} from C{IDLE}.
+     - any state -> C{LOST}: the transport is gone: a close-delimited body
+       ends (C{responseDone}), or the exchange, if any, hears
+       C{upstreamFailed}; then C{onLost}.
+
+    Apart from the state, a connection holds data, not decisions: the
+    exchange served, the reader, whether the request body is chunked, and
+    whether a producer is registered on the transport.
+
+    @ivar reused: Whether this connection served an earlier request (set
+        by its owner when it hands it out).
+    @ivar idleSince: When it last went idle (set by its owner).
     """
 
     reused = False
     idleSince = 0.0
 
-    def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        onIdle: ConnectionCallback = _ignore,
+        onLost: ConnectionCallback = _ignore,
+        onRelaying: ConnectionCallback = _ignore,
+    ) -> None:
+        """
+        @param onIdle: Called when the connection can take another request.
+        @param onLost: Called once, when the transport is gone.
+        @param onRelaying: Called once a response body turns out to span
+            more than one read (the connection leaves its pool's cap).
+        """
+        self._onIdle = onIdle
+        self._onLost = onLost
+        self._onRelaying = onRelaying
+        self._state = IDLE
         self._exchange: IExchange | None = None
-        self._state = _IDLE
-        self._buffer = b""
-        self._requestDone = True
-        self._received = False
-        self._framing = _NONE
-        self._left = 0
-        self._chunkState = _SIZE
-        self._keepAlive = True
+        self._reader = ResponseReader()
         self._chunked = False
         self._producing = False
-        self._lost = False
         self._closedWaiters: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
@@ -123,8 +180,14 @@ class UpstreamConnection(TwistedProtocol):
             tcp.setTcpNoDelay(True)
 
     @property
+    def state(self) -> str:
+        """The current state (see the class docstring)."""
+        return self._state
+
+    @property
     def idle(self) -> bool:
-        return self._state == _IDLE and self._exchange is None
+        """Whether a request can be sent now."""
+        return self._state is IDLE
 
     # -- request --------------------------------------------------------------
 
@@ -143,33 +206,40 @@ class UpstreamConnection(TwistedProtocol):
             byte count; bytes follow through L{writeBody} and L{endBody}.
         @param producer: Paused while FAPI's socket is full, during the body.
         """
+        if self._state is not IDLE:
+            raise RuntimeError(f"send() on a connection in state {self._state}")
         self._exchange = exchange
-        self._isHead = isHead
-        self._state = _HEAD
-        self._received = False
-        self._requestDone = body is None
+        self._reader.start(isHead)
         self._chunked = body == -1
+        self._state = AWAITING_HEAD if body is None else SENDING
         transport: Any = self.transport
         transport.write(head)
-        self._producing = producer is not None and body is not None
-        if self._producing:
+        if producer is not None and body is not None:
+            self._producing = True
             transport.registerProducer(producer, True)
 
     def writeBody(self, data: bytes) -> None:
-        if self._exchange is None or self.transport is None:
+        """Write request body bytes (ignored unless a body is being sent)."""
+        if self._state not in _UPLOADING:
             return
+        transport: Any = self.transport
         if self._chunked:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            self.transport.write(data)
+            transport.write(data)
 
     def endBody(self) -> None:
-        if self._requestDone or self._exchange is None:
+        """The request body is complete."""
+        state = self._state
+        if state is SENDING:
+            self._state = AWAITING_HEAD
+        elif state is RELAYING_WHILE_SENDING:
+            self._state = RELAYING
+        else:
             return
         transport: Any = self.transport
         if self._chunked:
             transport.write(b"0\r\n\r\n")
-        self._requestDone = True
         self._stopProducer(transport)
 
     def _stopProducer(self, transport: Any) -> None:
@@ -192,16 +262,23 @@ class UpstreamConnection(TwistedProtocol):
     def stopProducing(self) -> None:
         self.abort()
 
+    # -- ending ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close politely, if idle (a connection in use is left alone)."""
+        if self._state is IDLE:
+            self._state = CLOSING
+            transport: Any = self.transport
+            transport.loseConnection()
+
     def closed(self) -> Deferred[None]:
-        """Close politely (it is idle); fires once the connection is gone."""
+        """Close politely (if idle); fires once the connection is gone."""
         done: Deferred[None] = Deferred()
-        if self._lost:
+        if self._state is LOST:
             done.callback(None)
             return done
         self._closedWaiters.append(done)
-        self._state = _DEAD
-        transport: Any = self.transport
-        transport.loseConnection()
+        self.close()
         return done
 
     def abort(self) -> None:
@@ -210,209 +287,74 @@ class UpstreamConnection(TwistedProtocol):
         caller is that exchange, or has already dealt with it.
         """
         self._exchange = None
+        if self._state is LOST:
+            return
+        self._state = CLOSING
         transport: Any = self.transport
-        if self._state != _DEAD and transport is not None:
-            self._state = _DEAD
+        if transport is not None:
             transport.abortConnection()
 
     # -- response -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._received = True
-        if self._state == _BODY:
-            self._body(data)
-        elif self._state == _HEAD:
-            self._buffer += data
-            self._head()
-        elif self._state == _IDLE:
-            # Bytes nobody asked for: the connection is out of step.
-            self.abort()
-
-    def _head(self) -> None:
-        while self._state == _HEAD:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > _MAX_HEAD:
-                    self._fail(UpstreamProtocolError("response head too large"))
-                return
-            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        state = self._state
+        if state not in _READING:
+            if state is IDLE:
+                self.abort()  # bytes nobody asked for: out of step
+            return
+        reader = self._reader
+        reader.feed(data)
+        relayStarted = False
+        while True:
             try:
-                self._parseHead(head)
+                event = reader.next()
             except UpstreamProtocolError as e:
                 self._fail(e)
                 return
-
-    def _parseHead(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status = _STATUS_LINE(lines[0])
-        if status is None:
-            raise UpstreamProtocolError("malformed status line")
-        minor, codeText, phrase = status.groups()
-        code = int(codeText)
-        if code < 100:
-            raise UpstreamProtocolError("malformed status code")
-        headers: dict[bytes, list[bytes]] = {}
-        connection: dict[bytes, list[bytes]] = {}
-        encode = encode_header_name
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN(name):
-                raise UpstreamProtocolError("malformed header line")
-            value = value.strip(b" \t")
-            if _BAD_VALUE(value):
-                raise UpstreamProtocolError("forbidden character in a header value")
-            try:
-                name = encode(name)
-            except InvalidHeaderName:
-                raise UpstreamProtocolError("malformed header name") from None
-            target = connection if name in _CONNECTION_CONTROL else headers
-            values = target.get(name)
-            if values is None:
-                target[name] = [value]
+            if event is Event.DATA:
+                exchange: Any = self._exchange
+                exchange.responseData(reader.data)
+            elif event is Event.NEED_DATA:
+                if relayStarted:
+                    # The body outlasts the read that brought the head.
+                    self._onRelaying(self)
+                return
+            elif event is Event.HEAD:
+                head: Any = reader.head
+                relayStarted = self._headReceived(head)
             else:
-                values.append(value)
-        if code < 200:
-            if code == 101:
-                raise UpstreamProtocolError("FAPI switched protocols")
-            return  # 100 Continue, 103 Early Hints: the real answer follows
-        self._keepAlive = _keepAlive(minor, connection.get(b"Connection"))
-        length = self._framingFor(code, connection, headers)
-        self._state = _BODY
-        exchange = self._exchange
-        assert exchange is not None
-        exchange.responseStarted(code, phrase or b"", headers, length, connection)
-        if self._framing == _NONE:
-            self._finish()
-        elif self._buffer:
-            rest, self._buffer = self._buffer, b""
-            self._body(rest)
-
-    def _framingFor(
-        self,
-        code: int,
-        connection: dict[bytes, list[bytes]],
-        headers: dict[bytes, list[bytes]],
-    ) -> int | None:
-        lengths = connection.get(b"Content-Length")
-        if self._isHead or code in _NO_BODY_STATUS:
-            self._framing = _NONE
-            if self._isHead and lengths:
-                headers[b"Content-Length"] = lengths[:1]  # describes the GET
-            return None
-        codings = connection.get(b"Transfer-Encoding")
-        if codings:
-            last = b",".join(codings).rsplit(b",", 1)[-1].strip().lower()
-            if last == b"chunked":
-                self._framing, self._chunkState, self._left = _CHUNKED, _SIZE, 0
-            else:
-                self._framing, self._keepAlive = _CLOSE, False
-            return None
-        if lengths:
-            values = {v.strip() for value in lengths for v in value.split(b",")}
-            if len(values) != 1:
-                raise UpstreamProtocolError("conflicting Content-Length")
-            text = values.pop()
-            if not text.isdigit():
-                raise UpstreamProtocolError("malformed Content-Length")
-            self._left = int(text)
-            self._framing = _LENGTH if self._left else _NONE
-            return self._left
-        self._framing, self._keepAlive = _CLOSE, False
-        return None
-
-    def _body(self, data: bytes) -> None:
-        framing = self._framing
-        exchange = self._exchange
-        if exchange is None:
-            return
-        if framing == _LENGTH:
-            left = self._left
-            if len(data) < left:
-                self._left = left - len(data)
-                exchange.responseData(data)
+                self._responseEnded()
                 return
-            if len(data) > left:
-                self._keepAlive = False  # FAPI sent more than it announced
-                data = data[:left]
-            self._left = 0
-            if data:
-                exchange.responseData(data)
-            self._finish()
-        elif framing == _CHUNKED:
-            self._chunks(data)
-        else:
-            exchange.responseData(data)
+            if self._state is CLOSING:
+                return  # the exchange aborted the connection
 
-    def _chunks(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        exchange = self._exchange
-        position = 0
-        while exchange is self._exchange and exchange is not None:
-            state = self._chunkState
-            if state == _DATA:
-                available = len(buffer) - position
-                if not available:
-                    return
-                take = min(available, self._left)
-                exchange.responseData(buffer[position : position + take])
-                position += take
-                self._left -= take
-                if not self._left:
-                    self._chunkState = _DATA_END
-                continue
-            end = buffer.find(b"\r\n", position)
-            if end < 0:
-                rest = buffer[position:]
-                if len(rest) > _MAX_CHUNK_LINE:
-                    self._fail(UpstreamProtocolError("chunk line too long"))
-                else:
-                    self._buffer = rest
-                return
-            line = buffer[position:end]
-            position = end + 2
-            if state == _SIZE:
-                size = line.split(b";", 1)[0].strip()
-                try:
-                    self._left = int(size, 16)
-                except ValueError:
-                    self._fail(UpstreamProtocolError("malformed chunk size"))
-                    return
-                if size[:1] in (b"-", b"+") or size[:2].lower() == b"0x":
-                    self._fail(UpstreamProtocolError("malformed chunk size"))
-                    return
-                self._chunkState = _DATA if self._left else _TRAILER
-            elif state == _DATA_END:
-                if line:
-                    self._fail(UpstreamProtocolError("chunk not followed by CRLF"))
-                    return
-                self._chunkState = _SIZE
-            elif (
-                not line
-            ):  # _TRAILER: trailers are dropped, as they are hop-by-hop here
-                if position < len(buffer):
-                    self._keepAlive = False
-                self._finish()
-                return
+    def _headReceived(self, head: ResponseHead) -> bool:
+        """Tell the exchange; whether a body follows."""
+        if not head.bodyless:
+            self._state = RELAYING_WHILE_SENDING if self._state is SENDING else RELAYING
+        exchange: Any = self._exchange
+        exchange.responseStarted(
+            head.code, head.phrase, head.headers, head.length, head.connection
+        )
+        return not head.bodyless
 
-    def _finish(self) -> None:
+    def _responseEnded(self) -> None:
         exchange, self._exchange = self._exchange, None
-        self._state = _IDLE
-        self._buffer = b""
+        head: Any = self._reader.head
         transport: Any = self.transport
-        if not self._requestDone:
+        state = self._state
+        if state in _UPLOADING:
             # FAPI answered before the body was all sent: FAPI and we now
             # disagree on where the next request would start.
-            self._requestDone = True
-            self._keepAlive = False
             self._stopProducer(transport)
-        # Back to the pool first, so that a request the answer unblocks
-        # (a pipelined one, a queued one) can take this very connection.
-        if self._keepAlive:
-            transport.resumeProducing()  # in case a slow client paused us last
-            self._pool._release(self)
+        transport.resumeProducing()  # in case a slow client paused us last
+        if head.keepAlive and not self._reader.leftover and state not in _UPLOADING:
+            # Back to the owner first, so that a request the answer unblocks
+            # (a pipelined one, a queued one) can take this very connection.
+            self._state = IDLE
+            self._onIdle(self)
         else:
-            self._state = _DEAD
+            self._state = CLOSING
             transport.loseConnection()
         if exchange is not None:
             exchange.responseDone()
@@ -421,24 +363,20 @@ class UpstreamConnection(TwistedProtocol):
         exchange = self._exchange
         self.abort()
         if exchange is not None:
-            exchange.upstreamFailed(Failure(error), not self._received)
+            exchange.upstreamFailed(Failure(error), False)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         exchange, self._exchange = self._exchange, None
-        state, self._state = self._state, _DEAD
-        self._lost = True
-        for done in self._closedWaiters:
+        state, self._state = self._state, LOST
+        closedWaiters, self._closedWaiters = self._closedWaiters, []
+        for done in closedWaiters:
             done.callback(None)
         if exchange is not None:
-            if state == _BODY and self._framing == _CLOSE:
+            if state in (RELAYING, RELAYING_WHILE_SENDING) and self._reader.eof():
                 exchange.responseDone()
             else:
-                exchange.upstreamFailed(reason, state == _HEAD and not self._received)
-        self._pool._lost(self)
-
-
-def _keepAlive(minor: bytes, tokens: list[bytes] | None) -> bool:
-    words = {t.strip().lower() for value in tokens or () for t in value.split(b",")}
-    if minor == b"1":
-        return b"close" not in words
-    return b"keep-alive" in words
+                exchange.upstreamFailed(
+                    reason,
+                    state in (SENDING, AWAITING_HEAD) and not self._reader.received,
+                )
+        self._onLost(self)

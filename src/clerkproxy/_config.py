@@ -16,7 +16,14 @@ import attrs
 
 from ._secret import SecretKey
 
-__all__ = ["DEFAULT_FAPI", "ConfigError", "IPNetwork", "Origin", "ProxyConfig"]
+__all__ = [
+    "DEFAULT_FAPI",
+    "ConfigError",
+    "IPNetwork",
+    "Origin",
+    "ProxyConfig",
+    "Timeouts",
+]
 
 DEFAULT_FAPI = "https://frontend-api.clerk.dev"
 MiB = 1024 * 1024
@@ -141,6 +148,25 @@ class Origin:
 
 
 @attrs.frozen
+class Timeouts:
+    """
+    The exchange's deadlines, in seconds (see L{Exchange} for the phases
+    each one covers).
+
+    @ivar upstream: From the request's start to FAPI's response head.
+    @ivar body: Without a byte of a request body that is due.
+    @ivar upstreamRead: Without a byte of FAPI's response body, while the
+        proxy is not itself holding FAPI back for a slow client.
+    @ivar send: Without the client taking a byte of the response.
+    """
+
+    upstream: float = 30.0
+    body: float = 30.0
+    upstreamRead: float = 60.0
+    send: float = 60.0
+
+
+@attrs.frozen
 class ProxyConfig:
     """
     What the Frontend API proxy needs to know.
@@ -157,7 +183,14 @@ class ProxyConfig:
         (C{HostnameEndpoint} bounds only that; a request's
         C{upstream_timeout} covers the whole wait, TLS handshake included).
     @ivar upstream_timeout: Seconds allowed for FAPI to start answering.
-    @ivar pool_size: Most connections open to FAPI at once; more requests wait.
+    @ivar body_timeout: Seconds a request body that is due may go without
+        a byte.
+    @ivar upstream_read_timeout: Seconds FAPI's response body may go
+        without a byte (while the proxy is not holding FAPI back).
+    @ivar send_timeout: Seconds the client may take no byte of a response.
+    @ivar pool_size: Most FAPI connections at once that are connecting or
+        awaiting an answer's head (relaying ones do not count); more
+        requests wait.
     @ivar pool_idle_timeout: Seconds an unused FAPI connection is kept.
     @ivar app_url: The application's origin for every path outside the
         prefix (the edge box's C{--app}), or L{None} for 404s there.
@@ -176,6 +209,15 @@ class ProxyConfig:
     upstream_timeout: float = attrs.field(
         default=30.0, validator=_positive("--upstream-timeout")
     )
+    body_timeout: float = attrs.field(
+        default=30.0, validator=_positive("--body-timeout")
+    )
+    upstream_read_timeout: float = attrs.field(
+        default=60.0, validator=_positive("--upstream-read-timeout")
+    )
+    send_timeout: float = attrs.field(
+        default=60.0, validator=_positive("--send-timeout")
+    )
     pool_size: int = 256
     pool_idle_timeout: float = attrs.field(
         default=30.0, validator=_positive("pool_idle_timeout")
@@ -190,6 +232,7 @@ class ProxyConfig:
     fapi_host_header: bytes = attrs.field(init=False, repr=False)
     fapi_base_path: bytes = attrs.field(init=False, repr=False)
     app: Origin | None = attrs.field(init=False, repr=False)
+    timeouts: Timeouts = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         proxy = _split_url(
@@ -220,3 +263,13 @@ class ProxyConfig:
         if self.app_url is not None:
             app = Origin.parse(self.app_url, "the application URL (--app)")
         setattr_(self, "app", app)
+        setattr_(
+            self,
+            "timeouts",
+            Timeouts(
+                self.upstream_timeout,
+                self.body_timeout,
+                self.upstream_read_timeout,
+                self.send_timeout,
+            ),
+        )

@@ -30,8 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ._config import ConfigError
-from ._tls import ReloadableServerTLS
-from ._twisted_compat import parse_endpoint_description
+from ._sni import ServerTLS
 
 __all__ = [
     "admin_endpoint",
@@ -43,7 +42,7 @@ __all__ = [
 
 
 def server_endpoint(
-    reactor: Any, description: str, tls: ReloadableServerTLS | None
+    reactor: Any, description: str, tls: ServerTLS | None
 ) -> IStreamServerEndpoint:
     """A C{--port} value as an endpoint; see the module docstring."""
     if description.startswith("tls:"):
@@ -79,25 +78,11 @@ def _plain(reactor: Any, description: str) -> IStreamServerEndpoint:
     return parsed
 
 
-def admin_endpoint(
-    reactor: Any, description: str, index: int, workers: int
-) -> IStreamServerEndpoint:
+def admin_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """
-    The C{--admin-port} endpoint; worker C{index} of C{workers} listens
-    C{index} ports above the one given.
+    The C{--admin-port} endpoint.  With C{--workers} only the supervisor
+    listens on it; each worker answers the supervisor on a private socket.
     """
-    if index or workers > 1:
-        args, kwargs = parse_endpoint_description(description)
-        if not args or args[0] != "tcp" or len(args) != 2 or not args[1].isdigit():
-            raise ConfigError(
-                "with --workers, --admin-port must be tcp:PORT[:interface=...] "
-                "(worker N serves it on PORT+N)"
-            )
-        port = int(args[1]) + index
-        extra = "".join(
-            ":{}={}".format(k, v.replace(":", "\\:")) for k, v in kwargs.items()
-        )
-        description = f"tcp:{port}{extra}"
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
@@ -116,18 +101,18 @@ class _NoReactor:
     """
 
 
-def check_port(description: str, tls: ReloadableServerTLS | None) -> None:
+def check_port(description: str, tls: ServerTLS | None) -> None:
     """Raise L{ConfigError} if C{description} is not a usable C{--port}."""
     server_endpoint(_NoReactor(), description, tls)
 
 
-def check_admin_port(description: str, workers: int) -> None:
+def check_admin_port(description: str) -> None:
     """Raise L{ConfigError} if C{description} is not a usable C{--admin-port}."""
-    admin_endpoint(_NoReactor(), description, 0, workers)
+    admin_endpoint(_NoReactor(), description)
 
 
 def adopted_endpoint(
-    reactor: Any, fd: int, family: int, kind: str, tls: ReloadableServerTLS | None
+    reactor: Any, fd: int, family: int, kind: str, tls: ServerTLS | None
 ) -> IStreamServerEndpoint:
     """
     An endpoint serving an inherited listening socket C{fd}.  C{kind} is
@@ -147,7 +132,7 @@ def adopted_endpoint(
 class _TLSEndpoint:
     """TLS with the reloadable serving certificate, on any stream endpoint."""
 
-    def __init__(self, inner: IStreamServerEndpoint, tls: ReloadableServerTLS) -> None:
+    def __init__(self, inner: IStreamServerEndpoint, tls: ServerTLS) -> None:
         self._inner = inner
         self._tls = tls
 

@@ -25,6 +25,9 @@ _BODIES = {
         "proxy_upstream_timeout",
         "Clerk's Frontend API did not answer the proxy in time.",
     ),
+    "proxy_body_timeout": _body(
+        "proxy_body_timeout", "The request body did not arrive in time."
+    ),
     "proxy_request_too_large": _body(
         "proxy_request_too_large", "The request body is larger than the proxy allows."
     ),
@@ -32,6 +35,9 @@ _BODIES = {
         "proxy_bad_request", "The proxy cannot forward this request."
     ),
     "not_found": _body("resource_not_found", "Nothing is served at this path."),
+    "misdirected_request": _body(
+        "misdirected_request", "This server does not serve that host name."
+    ),
 }
 
 

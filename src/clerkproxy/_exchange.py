@@ -5,19 +5,28 @@ A single L{Exchange} object per request plays every role the trip needs,
 so the hot path allocates one object rather than a chain of helpers:
 
  - C{IRequestBodyReceiver}: takes the client's body as it arrives;
- - C{IPushProducer}: registered on FAPI's socket while the body is sent,
-   it pauses the client's socket while FAPI's is full;
+ - C{IPushProducer}, in two directions, one at a time: while the body is
+   sent it is registered on FAPI's socket and pauses the client's socket
+   when FAPI's is full; once FAPI's answer is being relayed it is
+   registered on the client's request and pauses FAPI's socket when the
+   client's is full (and starts the send deadline);
  - L{IExchange}: told by the upstream connection about FAPI's answer,
-   which it writes to the client.  The connection itself is the producer
-   the client's socket pauses when the browser reads slowly.
+   which it writes to the client.
+
+What it needs from the resource that routed it comes in one frozen
+L{Route}, built once per resource.
 """
 
 from __future__ import annotations
 
+import enum
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from OpenSSL import SSL
+from service_identity.exceptions import CertificateError, VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import (
     ConnectError,
@@ -27,23 +36,28 @@ from twisted.internet.error import (
     ConnectionLost,
     DNSLookupError,
 )
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from ._client import UpstreamProtocolError
+from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
 from ._interfaces import IStreamingRequest
+from ._twisted_compat import write_buffered
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
     from ._client import UpstreamConnection
-    from ._proxy import _Proxying
+    from ._config import Timeouts
+    from ._forwarded import ClientAddress
+    from ._metrics import Metrics
+    from ._upstream import UpstreamPool
 
-__all__ = ["Exchange", "FileSource"]
+__all__ = ["Exchange", "FileSource", "Phase", "Route"]
 
 #: Body bytes held while no upstream connection is ready to take them.
 _HOLD_LIMIT = 64 * 1024
@@ -54,13 +68,83 @@ _ORPHAN_LIMIT = 256 * 1024
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _EMPTY_BODY_LENGTH = {b"POST", b"PUT", b"PATCH"}
 _NO_BODY = (204, 304)
-_STATUS = {"proxy_upstream_timeout": 504, "proxy_request_too_large": 413}
 # Twisted's request-line parser already allows only these; checked again
 # because the bytes go onto another connection verbatim.
 _METHOD_OK = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
 _TARGET_OK = re.compile(rb"/[!-~]*\Z").match
 
 _log = Logger(namespace="clerkproxy.exchange")
+
+
+class Phase(enum.Enum):
+    """Where an L{Exchange} is; see its docstring for the transitions."""
+
+    CONNECTING = "connecting"
+    SENDING = "sending"
+    AWAITING = "awaiting"
+    RELAYING = "relaying"
+    ORPHANED = "orphaned"
+    DONE = "done"
+
+
+CONNECTING = Phase.CONNECTING
+SENDING = Phase.SENDING
+AWAITING = Phase.AWAITING
+RELAYING = Phase.RELAYING
+ORPHANED = Phase.ORPHANED
+DONE = Phase.DONE
+
+#: Every transition an exchange may make; anything else is a bug.
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    CONNECTING: frozenset({SENDING, AWAITING, DONE}),
+    SENDING: frozenset({AWAITING, RELAYING, DONE}),
+    AWAITING: frozenset({CONNECTING, RELAYING, ORPHANED, DONE}),
+    RELAYING: frozenset({DONE}),
+    ORPHANED: frozenset({DONE}),
+    DONE: frozenset(),
+}
+
+
+@attrs.frozen(eq=False)
+class Route:
+    """
+    What every exchange of one proxying resource needs, built once.
+
+    @ivar name: The upstream's name in log messages (C{FAPI}, C{app}).
+    @ivar inject: The header lines the proxy adds, given the request and
+        the resolved client address.
+    @ivar location: Rewrites FAPI's C{Location} values, if anything should.
+    """
+
+    name: str
+    pool: UpstreamPool
+    clock: IReactorTime
+    metrics: Metrics
+    clientAddress: ClientAddress
+    hostHeader: bytes
+    dropHeaders: frozenset[bytes]
+    inject: Callable[[Request, bytes], bytes]
+    maxBodySize: int
+    timeouts: Timeouts
+    location: Callable[[bytes], bytes] | None = None
+    # One timer per timeout (see Deadlines); shared by the route's exchanges.
+    upstreamDeadlines: Deadlines[Exchange] = attrs.field(init=False)
+    bodyDeadlines: Deadlines[Exchange] = attrs.field(init=False)
+    readDeadlines: Deadlines[Exchange] = attrs.field(init=False)
+    sendDeadlines: Deadlines[Exchange] = attrs.field(init=False)
+    orphanDeadlines: Deadlines[Exchange] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        clock, t = self.clock, self.timeouts
+        setattr_ = object.__setattr__
+        for name, seconds, fire in (
+            ("upstreamDeadlines", t.upstream, Exchange._upstreamExpired),
+            ("bodyDeadlines", t.body, Exchange._bodyExpired),
+            ("readDeadlines", t.upstreamRead, Exchange._readExpired),
+            ("sendDeadlines", t.send, Exchange._sendExpired),
+            ("orphanDeadlines", _ORPHAN_GRACE, Exchange._orphanExpired),
+        ):
+            setattr_(self, name, Deadlines(clock, seconds, fire))
 
 
 @implementer(IPushProducer)
@@ -95,6 +179,52 @@ class Exchange:
     """
     Relay C{request} to FAPI at C{target} and FAPI's answer back.
 
+    Phases (L{Phase}) and what moves an exchange between them::
+
+      CONNECTING  waiting for a pooled or new connection; body bytes that
+                  arrive meanwhile are held (64 KiB, then the client is
+                  paused).
+          -> SENDING   got a connection and part of the body is still due
+          -> AWAITING  got a connection; the whole request is written
+          -> DONE      connect failed (502), a deadline passed (504/408),
+                       body over --max-body-size (413), or the client left
+      SENDING     the head is written, the body streams to FAPI.
+          -> AWAITING  the body ended
+          -> RELAYING  FAPI answered early: the rest of the body is dropped
+                       and the connection is not reused
+          -> DONE      as from CONNECTING
+      AWAITING    the whole request is at FAPI; waiting for its head.
+          -> RELAYING  FAPI's head came
+          -> CONNECTING  a reused connection was dead before answering; a
+                       bodiless idempotent request is tried once more
+          -> ORPHANED  the client left: FAPI gets a moment to answer, so
+                       that a small answer keeps its connection pooled
+          -> DONE      FAPI failed (502) or a deadline passed (504)
+      RELAYING    the head went to the client; the body follows.
+          -> DONE      the body ended; or FAPI broke off, a deadline passed
+                       or the client left (the client connection is aborted
+                       so that the truncation shows)
+      ORPHANED    draining an answer nobody waits for.
+          -> DONE      it ended, broke off, passed 256 KiB or 2 seconds
+      DONE        nothing more happens; FAPI's connection is back in the
+                  pool (a clean end) or closed.
+
+    Deadlines, each one timer for all the route's exchanges (L{Deadlines}):
+
+      phase       deadline (option)                             on expiry
+      CONNECTING  upstream (--upstream-timeout), from the start;  504
+                  body (--body-timeout), idle body, while due     408
+      SENDING     upstream; body, while not paused by FAPI        504 / 408
+      AWAITING    upstream                                        504
+      RELAYING    upstream_read (--upstream-read-timeout), no     abort
+                  byte from FAPI while not paused for the client;
+                  send (--send-timeout), the client took nothing  abort
+                  while it held the relay back
+      ORPHANED    the 2-second grace                              abort FAPI
+
+    "abort" closes both connections: FAPI's cannot be reused half-read,
+    and the client's must show the truncation.
+
     @param length: The request body's length, L{None} if chunked, 0 if none.
     @param source: What to pause when FAPI cannot take more body: the
         client's transport, or a L{FileSource}.
@@ -104,34 +234,44 @@ class Exchange:
 
     def __init__(
         self,
-        proxy: _Proxying,
+        route: Route,
         request: Request,
         target: bytes,
         length: int | None,
         source: IPushProducer | None,
         sourceRunning: bool,
     ) -> None:
-        self._proxy = proxy
+        self._route = route
         self._request = request
         self._target = target
         self._length = length
         self._hasBody = length != 0
-        self._source = source
+        self._phase = CONNECTING
+        # What still has request body to give: None once it is all in.
+        self._source = source if self._hasBody else None
         self._sourcePaused = not sourceRunning
+        # FAPI's socket is full (during the upload); it owes us a resume.
+        self._uploadPaused = False
+        # The client's socket is full (while relaying); FAPI's is paused.
+        self._relayPaused = False
+        self._sendMark: int | None = None
         self._held: list[bytes] = []
         self._heldSize = 0
         self._received = 0
         self._drained = 0
-        self._bodyComplete = not self._hasBody
-        self._uploadPaused = False
         self._head = b""
         self._conn: UpstreamConnection | None = None
         self._pending: Deferred[Any] | None = None
-        self._grace: IDelayedCall | None = None
         self._retried = False
-        self._failure: str | None = None
-        self._clientGone = False
-        self._responding = False
+        self._started = 0.0
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def _enter(self, phase: Phase) -> None:
+        assert phase in _NEXT[self._phase], f"{self._phase} -> {phase}"
+        self._phase = phase
 
     def readBuffered(self, content: Any) -> None:
         """Take the body from Twisted's buffer (a plain C{Site}'s request)."""
@@ -140,11 +280,12 @@ class Exchange:
     # -- starting ---------------------------------------------------------
 
     def start(self) -> None:
-        proxy = self._proxy
+        route = self._route
         request = self._request
         method = request.method
         target = self._target
         if not _METHOD_OK(method) or not _TARGET_OK(target):
+            self._enter(DONE)
             respond_error(request, 400, "proxy_bad_request")
             return
         length = self._length
@@ -156,7 +297,7 @@ class Exchange:
             framing = b""
         headers = request.requestHeaders
         peer: Any = request.getClientAddress()
-        client = proxy.clientAddress.resolve(
+        client = route.clientAddress.resolve(
             getattr(peer, "host", None), headers.getRawHeaders(b"X-Forwarded-For")
         )
         request.clientAddressText = client  # type: ignore[attr-defined]
@@ -164,22 +305,24 @@ class Exchange:
             method,
             target,
             headers,
-            proxy.hostHeader,
-            proxy.injectedFor(request, client),
+            route.hostHeader,
+            route.inject(request, client),
             client,
             framing,
-            proxy.dropHeaders,
+            route.dropHeaders,
         )
         if IStreamingRequest.providedBy(request):
             request.watchConnection(self.clientLost)
         else:
             request.notifyFinish().addErrback(self.clientLost)
-        proxy.deadlines.add(self)
-        self._started = proxy.clock.seconds()
+        route.upstreamDeadlines.add(self)
+        if self._source is not None and not self._sourcePaused:
+            route.bodyDeadlines.add(self)
+        self._started = route.clock.seconds()
         self._connect()
 
     def _connect(self) -> None:
-        pool = self._proxy.upstream
+        pool = self._route.pool
         conn = pool.take()
         if conn is not None:
             self._send(conn)
@@ -190,95 +333,150 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         self._pending = None
+        if self._phase is not CONNECTING:  # pragma: no cover - defensive
+            conn.abort()
+            return
         self._conn = conn
         length = self._length
         body = None if not self._hasBody else (-1 if length is None else length)
         conn.send(self, self._head, self._request.method == b"HEAD", body, self)
         if not self._hasBody:
+            self._enter(AWAITING)
             return
+        self._enter(SENDING)
         held, self._held, self._heldSize = self._held, [], 0
         for chunk in held:
             conn.writeBody(chunk)
-        if self._bodyComplete:
+        if self._source is None:
             conn.endBody()
+            self._enter(AWAITING)
         elif not self._uploadPaused:
             self._resumeSource()
 
-    # -- failures ---------------------------------------------------------
+    # -- endings ----------------------------------------------------------
 
-    def _connectFailed(self, reason: Failure) -> None:
-        self._pending = None
-        self._failed(reason)
-
-    def _failed(self, reason: Failure) -> None:
-        self._proxy.deadlines.remove(self)
-        if self._clientGone:
-            return
-        why = self._failure
-        if why is None:
-            why = "proxy_request_failed"
-            self._proxy.metrics.upstreamError(_kind(reason))
-            _log.warn(
-                "{upstream} request failed: {error}",
-                upstream=self._proxy.name,
-                error=_describe(reason),
-            )
-        elif why == "proxy_upstream_timeout":
-            self._proxy.metrics.upstreamError("timeout")
-        respond_error(self._request, _STATUS.get(why, 502), why)
-
-    def expired(self) -> None:
-        """The upstream deadline passed with no answer from FAPI."""
-        self._failure = "proxy_upstream_timeout"
-        _log.warn(
-            "{upstream} did not answer within {timeout}s",
-            upstream=self._proxy.name,
-            timeout=self._proxy.upstreamTimeout,
-        )
-        self._stopUpstream()
+    def _done(self) -> None:
+        """Enter DONE: no deadline of this exchange runs any more."""
+        self._enter(DONE)
+        route = self._route
+        route.upstreamDeadlines.remove(self)
+        route.bodyDeadlines.remove(self)
+        route.readDeadlines.remove(self)
+        route.sendDeadlines.remove(self)
+        self._held = []
 
     def _stopUpstream(self) -> None:
-        """Abandon the upstream side; its failure path then answers."""
+        """Close FAPI's connection, or give up waiting for one."""
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
-            self._failed(Failure(ProxyGaveUpError()))
-            return
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
+
+    def _refuse(self, status: int, code: str) -> None:
+        """End an exchange whose answer has not started with an error."""
+        self._done()
+        self._stopUpstream()
+        respond_error(self._request, status, code)
+
+    def _cut(self) -> None:
+        """End a relay midway: both connections go, the truncation shows."""
+        self._done()
+        self._stopUpstream()
+        request = self._request
+        request.unregisterProducer()
+        channel = getattr(request, "channel", None)
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+
+    def _connectFailed(self, reason: Failure) -> None:
+        self._pending = None
+        if self._phase is CONNECTING:
+            self._failed(reason)
+        # else: we cancelled the wait ourselves; the failure is ours.
+
+    def _failed(self, reason: Failure) -> None:
+        """FAPI could not be reached or failed before answering: a 502."""
+        route = self._route
+        route.metrics.upstreamError(_kind(reason))
+        _log.warn(
+            "{upstream} request failed: {error}",
+            upstream=route.name,
+            error=_describe(reason),
+        )
+        self._refuse(502, "proxy_request_failed")
 
     def clientLost(self, reason: object = None) -> None:
         """
         The client went away: stop everything upstream, quietly.  One
         exception: a request FAPI already has in full gets a moment to be
-        answered, so that a prompt small answer leaves its connection in the
-        pool rather than costing a new TLS handshake.
+        answered (ORPHANED), so that a prompt small answer leaves its
+        connection in the pool rather than costing a new TLS handshake.
         """
-        if self._clientGone:
+        phase = self._phase
+        if phase is DONE or phase is ORPHANED:
             return
-        self._clientGone = True
-        self._proxy.deadlines.remove(self)
-        self._held = []
-        conn = self._conn
-        if conn is not None and self._bodyComplete and not self._responding:
-            self._grace = self._proxy.clock.callLater(_ORPHAN_GRACE, self._abandon)
+        if phase is AWAITING:
+            self._enter(ORPHANED)
+            route = self._route
+            route.upstreamDeadlines.remove(self)
+            route.orphanDeadlines.add(self)
             return
-        self._abandon()
+        if phase is RELAYING:
+            request = self._request
+            if request.channel is not None:
+                request.unregisterProducer()
+            else:
+                # The channel is gone, so unregisterProducer cannot run;
+                # drop the request's reference to us: no cycle is left.
+                request.producer = None
+        self._done()
+        self._stopUpstream()
 
-    def _abandon(self) -> None:
-        self._grace = None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.abort()
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
+    # -- deadlines (called by the route's Deadlines) -----------------------
 
-    def _abortClient(self) -> None:
-        channel = getattr(self._request, "channel", None)
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
+    def _upstreamExpired(self) -> None:
+        route = self._route
+        route.metrics.timedOut("upstream")
+        route.metrics.upstreamError("timeout")
+        _log.warn(
+            "{upstream} did not answer within {timeout}s",
+            upstream=route.name,
+            timeout=route.timeouts.upstream,
+        )
+        self._refuse(504, "proxy_upstream_timeout")
+
+    def _bodyExpired(self) -> None:
+        # Armed only while a body is due and no answer has started.
+        self._route.metrics.timedOut("body")
+        self._refuse(408, "proxy_body_timeout")
+
+    def _readExpired(self) -> None:
+        route = self._route
+        route.metrics.timedOut("upstream_read")
+        route.metrics.upstreamError("timeout")
+        _log.warn(
+            "{upstream} sent no response body for {timeout}s",
+            upstream=route.name,
+            timeout=route.timeouts.upstreamRead,
+        )
+        self._cut()
+
+    def _sendExpired(self) -> None:
+        buffered = _clientBuffered(self._request)
+        mark = self._sendMark
+        if buffered is not None and mark is not None and buffered < mark:
+            # The client took something since: it gets another period.
+            self._sendMark = buffered
+            self._route.sendDeadlines.add(self)
+            return
+        self._route.metrics.timedOut("send")
+        self._cut()
+
+    def _orphanExpired(self) -> None:
+        self._done()
+        self._stopUpstream()
 
     # -- response (IExchange) ---------------------------------------------
 
@@ -290,61 +488,91 @@ class Exchange:
         length: int | None,
         connection: dict[bytes, list[bytes]],
     ) -> None:
-        proxy = self._proxy
-        proxy.deadlines.remove(self)
-        self._responding = True
-        if self._clientGone:
+        route = self._route
+        phase = self._phase
+        if phase is ORPHANED:
             return
+        if phase is SENDING:
+            # FAPI answered before the body ended: it has decided, so the
+            # rest of the body is dropped (and the connection not reused).
+            self._source = None
+            route.bodyDeadlines.remove(self)
+        route.upstreamDeadlines.remove(self)
+        self._enter(RELAYING)
         request: Any = self._request
-        seconds = proxy.clock.seconds() - self._started
-        proxy.metrics.upstream.observe(seconds)
+        seconds = route.clock.seconds() - self._started
+        route.metrics.upstream.observe(seconds)
         request.upstreamSeconds = seconds
         conn = self._conn
         request.upstreamReused = conn is not None and conn.reused
         request.setResponseCode(code, phrase or None)
         if length is not None and code not in _NO_BODY and request.method != b"HEAD":
             headers[b"Content-Length"] = [b"%d" % length]
+        location = route.location
+        if location is not None:
+            values = headers.get(b"Location")
+            if values:
+                headers[b"Location"] = [location(v) for v in values]
         request.responseHeaders = downstream_headers(headers, connection)
-        request.registerProducer(self._conn, True)
+        request.registerProducer(self, True)
+        route.readDeadlines.add(self)
 
     def responseData(self, data: bytes) -> None:
-        if not self._clientGone:
+        phase = self._phase
+        if phase is RELAYING:
             self._request.write(data)
+            if self._relayPaused:
+                # Bytes written after the client's socket filled: progress
+                # is measured from here.
+                self._sendMark = _clientBuffered(self._request)
+            else:
+                self._route.readDeadlines.add(self)
             return
-        self._drained += len(data)
-        if self._drained > _ORPHAN_LIMIT:
-            self._cancelGrace()
-            self._abandon()
+        if phase is ORPHANED:
+            self._drained += len(data)
+            if self._drained > _ORPHAN_LIMIT:
+                self._route.orphanDeadlines.remove(self)
+                self._done()
+                self._stopUpstream()
 
     def responseDone(self) -> None:
         self._conn = None  # back in the pool: never touch it again
-        if self._clientGone:
-            self._cancelGrace()
+        phase = self._phase
+        if phase is ORPHANED:
+            self._route.orphanDeadlines.remove(self)
+            self._done()
             return
+        if phase is not RELAYING:  # pragma: no cover - defensive
+            return
+        self._done()
         request = self._request
         request.unregisterProducer()
         request.finish()
 
     def upstreamFailed(self, reason: Failure, nothingReceived: bool) -> None:
         conn, self._conn = self._conn, None
-        if self._clientGone:
-            self._cancelGrace()
+        phase = self._phase
+        if phase is ORPHANED:
+            self._route.orphanDeadlines.remove(self)
+            self._done()
             return
-        if self._responding:
+        if phase is DONE:  # pragma: no cover - defensive
+            return
+        if phase is RELAYING:
             # FAPI failed mid-body: a truncated body must look truncated.
-            self._proxy.metrics.upstreamError(_kind(reason))
+            route = self._route
+            route.metrics.upstreamError(_kind(reason))
             _log.warn(
                 "{upstream} response broke off: {error}",
-                upstream=self._proxy.name,
+                upstream=route.name,
                 error=_describe(reason),
             )
-            self._request.unregisterProducer()
-            self._abortClient()
+            self._cut()
             return
         if (
-            nothingReceived
+            phase is AWAITING
+            and nothingReceived
             and not self._retried
-            and self._failure is None
             and conn is not None
             and conn.reused
             and not self._hasBody
@@ -352,31 +580,36 @@ class Exchange:
         ):
             # A pooled connection FAPI had closed: try once on another.
             self._retried = True
+            self._enter(CONNECTING)
             self._connect()
             return
         self._failed(reason)
 
-    def _cancelGrace(self) -> None:
-        if self._grace is not None:
-            self._grace.cancel()
-            self._grace = None
-
     # -- request body, in (IRequestBodyReceiver) --------------------------
 
     def bodyDataReceived(self, data: bytes) -> None:
-        if self._failure is not None or self._clientGone:
-            return
+        phase = self._phase
+        if phase is not CONNECTING and phase is not SENDING:
+            return  # answered, refused or abandoned: the rest is dropped
         self._received += len(data)
-        if self._received > self._proxy.maxBodySize:
-            self._tooLarge()
+        route = self._route
+        if self._received > route.maxBodySize:
+            _log.info(
+                "Request body over --max-body-size ({limit} bytes)",
+                limit=route.maxBodySize,
+            )
+            self._refuse(413, "proxy_request_too_large")
             return
+        if self._sourcePaused:
+            # Twisted's channel may have resumed the socket behind our back.
+            source = self._source
+            if source is not None:
+                source.pauseProducing()
+        else:
+            route.bodyDeadlines.add(self)  # progress: the deadline restarts
         conn = self._conn
         if conn is not None:
             conn.writeBody(data)
-            if self._uploadPaused:
-                # Twisted's channel may have resumed the socket behind our
-                # back; FAPI still cannot take more.
-                self._pauseSource()
         else:
             self._held.append(data)
             self._heldSize += len(data)
@@ -384,50 +617,87 @@ class Exchange:
                 self._pauseSource()
 
     def bodyDone(self) -> None:
-        self._bodyComplete = True
-        conn = self._conn
-        if conn is not None and self._failure is None:
+        self._source = None
+        self._route.bodyDeadlines.remove(self)
+        if self._phase is SENDING:
+            conn = self._conn
+            assert conn is not None
             conn.endBody()
+            self._enter(AWAITING)
 
-    def _tooLarge(self) -> None:
-        self._failure = "proxy_request_too_large"
-        _log.info(
-            "Request body over --max-body-size ({limit} bytes)",
-            limit=self._proxy.maxBodySize,
-        )
-        self._held = []
-        if self._responding:
-            self._abandon()
-            self._abortClient()
-        else:
-            self._stopUpstream()
-
-    # -- request body, out (IPushProducer on FAPI's socket) ----------------
+    # -- IPushProducer: FAPI's socket during the upload, the client's ------
+    # -- while relaying ----------------------------------------------------
 
     def pauseProducing(self) -> None:
-        self._uploadPaused = True
-        self._pauseSource()
+        phase = self._phase
+        if phase is not RELAYING:
+            if phase is not DONE and phase is not ORPHANED:
+                self._uploadPaused = True
+                self._pauseSource()
+            return
+        if self._relayPaused:
+            return
+        self._relayPaused = True
+        conn = self._conn
+        if conn is not None:
+            conn.pauseProducing()
+        route = self._route
+        route.readDeadlines.remove(self)
+        self._sendMark = _clientBuffered(self._request)
+        route.sendDeadlines.add(self)
 
     def resumeProducing(self) -> None:
-        self._uploadPaused = False
-        self._resumeSource()
+        phase = self._phase
+        if phase is not RELAYING:
+            if phase is not DONE and phase is not ORPHANED:
+                self._uploadPaused = False
+                self._resumeSource()
+            return
+        if self._uploadPaused:
+            # FAPI answered while its socket was full of our upload: this
+            # resume is FAPI's socket draining, not the client's.  (Were it
+            # the client's, the relay stays paused until FAPI's comes, and
+            # the send deadline bounds that.)
+            self._uploadPaused = False
+            return
+        if not self._relayPaused:
+            return
+        self._relayPaused = False
+        route = self._route
+        route.sendDeadlines.remove(self)
+        route.readDeadlines.add(self)
+        conn = self._conn
+        if conn is not None:
+            conn.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._uploadPaused = True
+        """
+        Nothing to do: a lost client reaches us through L{clientLost}, a
+        lost FAPI connection through L{upstreamFailed}.
+        """
 
     def _pauseSource(self) -> None:
-        if not self._sourcePaused and self._source is not None:
+        source = self._source
+        if not self._sourcePaused and source is not None:
             self._sourcePaused = True
-            self._source.pauseProducing()
+            self._route.bodyDeadlines.remove(self)
+            source.pauseProducing()
 
     def _resumeSource(self) -> None:
-        if self._sourcePaused and self._source is not None:
+        source = self._source
+        if self._sourcePaused and source is not None:
             self._sourcePaused = False
-            self._source.resumeProducing()
+            self._route.bodyDeadlines.add(self)
+            source.resumeProducing()
 
 
-class ProxyGaveUpError(Exception):
-    """The proxy itself gave up on the upstream connection."""
+def _clientBuffered(request: Request) -> int | None:
+    """
+    How many bytes written to the client its socket has not taken yet, or
+    L{None} where that cannot be known.
+    """
+    channel = getattr(request, "channel", None)
+    return write_buffered(getattr(channel, "transport", None))
 
 
 def _kind(reason: Failure) -> str:
@@ -436,7 +706,7 @@ def _kind(reason: Failure) -> str:
         return "dns"
     if reason.check(ConnectError, ConnectionRefusedError, ConnectingCancelledError):
         return "connect"
-    if reason.check(SSL.Error):
+    if reason.check(SSL.Error, VerificationError, CertificateError):
         return "tls"
     if reason.check(UpstreamProtocolError):
         return "protocol"

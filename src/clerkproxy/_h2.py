@@ -117,7 +117,9 @@ class HTTP2Settings:
     @ivar h2c: Accept HTTP/2 with prior knowledge on plain listeners.
     @ivar maxConcurrentStreams: Advertised and enforced per connection.
     @ivar sendTimeout: Seconds a stream with response bytes waiting may go
-        without the client accepting any.
+        without the client accepting any (C{--send-timeout}).  The exchange
+        has the same deadline while it holds FAPI back for the stream;
+        this one also covers bytes queued after the exchange is done.
     @ivar resetBurst: Streams a client may reset before their response
         ended, at once, before the connection is refused.
     @ivar resetRate: ... and per second after that.
@@ -284,7 +286,7 @@ class H2Stream:
     def expired(self) -> None:
         """The send deadline: the client accepted nothing for too long."""
         connection = self.connection
-        connection._site.metrics.http2Event("send_timeout")
+        connection._site.metrics.timedOut("send")
         connection._resetStream(self, ErrorCodes.CANCEL)
         connection._flush()
 
@@ -523,7 +525,7 @@ class H2Connection(Protocol):
         self.secure = ISSLTransport.providedBy(transport)
         site = self._site
         site.channels.add(self)  # type: ignore[arg-type]
-        site.headerDeadlines.add(self)
+        site.headerDeadlines.add(self)  # type: ignore[arg-type]
         conn = self._conn
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
@@ -534,8 +536,8 @@ class H2Connection(Protocol):
         self._closed = True
         site = self._site
         site.channels.discard(self)
-        site.headerDeadlines.remove(self)
-        site.idleDeadlines.remove(self)
+        site.headerDeadlines.remove(self)  # type: ignore[arg-type]
+        site.idleDeadlines.remove(self)  # type: ignore[arg-type]
         if self._closeCall is not None and self._closeCall.active():
             self._closeCall.cancel()
         self._closeCall = None
@@ -631,9 +633,9 @@ class H2Connection(Protocol):
                 return
             self._prefaced = True
             site = self._site
-            site.headerDeadlines.remove(self)
+            site.headerDeadlines.remove(self)  # type: ignore[arg-type]
             if not self._streams:
-                site.idleDeadlines.add(self)
+                site.idleDeadlines.add(self)  # type: ignore[arg-type]
             pos = len(PREFACE)
         fed = 0
         end = len(buf)
@@ -796,7 +798,7 @@ class H2Connection(Protocol):
         stream.request = H2Request(stream, method, uri or b"", headers)
         self._streams[streamID] = stream
         self._pending.append(stream)
-        self._site.idleDeadlines.remove(self)
+        self._site.idleDeadlines.remove(self)  # type: ignore[arg-type]
 
     def _startPending(self) -> None:
         pending, self._pending = self._pending, []
@@ -1056,7 +1058,7 @@ class H2Connection(Protocol):
                 self._flush()
                 self._close()
             elif self._prefaced:
-                self._site.idleDeadlines.add(self)
+                self._site.idleDeadlines.add(self)  # type: ignore[arg-type]
 
 
 _CONTROL_KINDS = {

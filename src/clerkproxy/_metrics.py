@@ -9,6 +9,7 @@ reactor, so the request path only touches ints, lists and one C{bisect}.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,11 +22,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["Histogram", "Metrics", "MetricsCollector"]
+__all__ = ["TIMEOUT_PHASES", "Histogram", "Metrics", "MetricsCollector"]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Methods counted under their own name; anything else is "other", so a
 #: client cannot grow the label set without bound.
+#: Where a deadline can pass: C{clerkproxy_timeouts_total{phase}}.
+TIMEOUT_PHASES = ("header", "body", "upstream", "upstream_read", "send", "idle")
 _METHODS = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
 )
@@ -67,9 +70,18 @@ class Metrics:
         self.upstream = Histogram()
         self.inFlight = 0
         self.upstreamErrors: dict[str, int] = {}
+        self.timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_PHASES, 0)
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
         self.http2Events: dict[str, int] = {}
+        # Many sites in one process (--config): responses by site and code.
+        self.siteRequests: dict[tuple[str, int], int] = {}
+        # Certificates: each name's expiry (Unix time), and ACME failures.
+        self.certificateExpiry: Callable[[], dict[str, float]] = dict
+        self.acmeFailures = 0
+        #: Upstream connections by state (connecting, busy, relaying, idle)
+        #: and requests queued for one, summed over the pools on scrape.
+        self.upstreamPools: Callable[[], dict[str, int]] = dict
 
     def finished(
         self, method: bytes, code: int, seconds: float, protocol: bytes = b"HTTP/1.1"
@@ -86,8 +98,16 @@ class Metrics:
         """An HTTP/2 defence acted (see L{clerkproxy._h2})."""
         self.http2Events[kind] = self.http2Events.get(kind, 0) + 1
 
+    def siteFinished(self, site: str, code: int) -> None:
+        key = (site, code)
+        self.siteRequests[key] = self.siteRequests.get(key, 0) + 1
+
     def upstreamError(self, kind: str) -> None:
         self.upstreamErrors[kind] = self.upstreamErrors.get(kind, 0) + 1
+
+    def timedOut(self, phase: str) -> None:
+        """A deadline passed; C{phase} is one of L{TIMEOUT_PHASES}."""
+        self.timeouts[phase] += 1
 
 
 class MetricsCollector(Collector):
@@ -133,6 +153,21 @@ class MetricsCollector(Collector):
             "Connections opened to the upstreams (FAPI, and the app with --app).",
             value=m.upstreamOpened(),
         )
+        pools = m.upstreamPools()
+        connections = GaugeMetricFamily(
+            "clerkproxy_upstream_connections",
+            "Upstream connections by state: connecting, busy (sending or awaiting"
+            " the head: these count against pool_size), relaying a body, idle.",
+            labels=["state"],
+        )
+        for state in ("connecting", "busy", "relaying", "idle"):
+            connections.add_metric([state], pools.get(state, 0))
+        yield connections
+        yield GaugeMetricFamily(
+            "clerkproxy_upstream_queued_requests",
+            "Requests waiting for an upstream connection.",
+            value=pools.get("queued", 0),
+        )
         errors = CounterMetricFamily(
             "clerkproxy_upstream_errors", "Upstream failures, by kind.", labels=["kind"]
         )
@@ -146,12 +181,46 @@ class MetricsCollector(Collector):
             "ping_flood, priority_flood, empty_data_flood, unknown_frame_flood, "
             "stream_limit, protocol_error) and streams reset "
             "(reset_before_forwarding, content_length_mismatch, "
-            "malformed_request, send_timeout).",
+            "malformed_request).",
             labels=["kind"],
         )
         for kind, n in sorted(m.http2Events.items()):
             http2.add_metric([kind], n)
         yield http2
+        if m.siteRequests:
+            sites = CounterMetricFamily(
+                "clerkproxy_site_requests",
+                "Requests answered, by site (--config) and status code.",
+                labels=["site", "code"],
+            )
+            for (site, code), n in sorted(m.siteRequests.items()):
+                sites.add_metric([site, str(code)], n)
+            yield sites
+        expiry = m.certificateExpiry()
+        if expiry:
+            now = time.time()
+            family = GaugeMetricFamily(
+                "clerkproxy_certificate_expiry_seconds",
+                "Seconds until each name's serving certificate expires.",
+                labels=["name"],
+            )
+            for name, notAfter in sorted(expiry.items()):
+                family.add_metric([name], notAfter - now)
+            yield family
+        yield CounterMetricFamily(
+            "clerkproxy_acme_failures",
+            "Failed attempts to obtain or renew a certificate over ACME.",
+            value=m.acmeFailures,
+        )
+        timeouts = CounterMetricFamily(
+            "clerkproxy_timeouts",
+            "Deadlines that passed, by phase: header, body, upstream, "
+            "upstream_read, send, idle.",
+            labels=["phase"],
+        )
+        for phase, n in m.timeouts.items():
+            timeouts.add_metric([phase], n)
+        yield timeouts
 
 
 def _histogram(name: str, documentation: str, h: Histogram) -> Metric:

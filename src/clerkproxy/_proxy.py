@@ -5,21 +5,22 @@ C{--app}) the application's origin for everything else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTCP
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ._config import ProxyConfig
-from ._deadlines import Deadlines
+from ._config import ProxyConfig, Timeouts
 from ._errors import respond_error
-from ._exchange import Exchange
+from ._exchange import Exchange, Route
 from ._forwarded import ClientAddress
 from ._headers import APP_DROP, FAPI_DROP, injected_block
 from ._interfaces import IStreamingRequest
+from ._location import LocationRewrite
 from ._metrics import Metrics
 from ._paths import upstream_target
 from ._upstream import UpstreamPool, fapi_endpoint
@@ -35,15 +36,15 @@ __all__ = ["AppProxy", "EdgeRouter", "FrontendAPIProxy"]
 class _Proxying(Resource):
     """
     What every proxying resource shares: rendering buffered or streaming
-    requests through an L{Exchange}, and the settings an exchange reads.
+    requests through an L{Exchange}, and the L{Route} its exchanges take.
 
     @ivar upstream: The connection pool to the upstream.
     @ivar metrics: Where requests and upstream failures are counted.
+    @ivar route: What each exchange needs, built once here.
     """
 
     isLeaf = True
     name = "upstream"
-    hostHeader = b""
     dropHeaders: frozenset[bytes] = frozenset()
 
     def __init__(
@@ -52,20 +53,33 @@ class _Proxying(Resource):
         upstream: UpstreamPool,
         clientAddress: ClientAddress,
         maxBodySize: int,
-        upstreamTimeout: float,
+        timeouts: Timeouts,
         metrics: Metrics | None,
+        hostHeader: bytes,
+        location: Callable[[bytes], bytes] | None = None,
     ) -> None:
         Resource.__init__(self)
-        self.clock: IReactorTime = reactor
         self.upstream = upstream
         self.clientAddress = clientAddress
         self.maxBodySize = maxBodySize
-        self.upstreamTimeout = upstreamTimeout
-        self.deadlines = Deadlines(reactor, upstreamTimeout)
         if metrics is None:
             metrics = Metrics()
             metrics.upstreamOpened = lambda: upstream.connectionsOpened
+            metrics.upstreamPools = upstream.counts
         self.metrics = metrics
+        self.route = Route(
+            name=self.name,
+            pool=upstream,
+            clock=reactor,
+            metrics=metrics,
+            clientAddress=clientAddress,
+            hostHeader=hostHeader,
+            dropHeaders=self.dropHeaders,
+            inject=self.injectedFor,
+            maxBodySize=maxBodySize,
+            timeouts=timeouts,
+            location=location,
+        )
 
     def close(self) -> Deferred[None]:
         """
@@ -101,7 +115,7 @@ class _Proxying(Resource):
         if length > self.maxBodySize:
             respond_error(request, 413, "proxy_request_too_large")
             return NOT_DONE_YET
-        exchange = Exchange(self, request, target, length, None, False)
+        exchange = Exchange(self.route, request, target, length, None, False)
         if length:
             exchange.readBuffered(content)
         exchange.start()
@@ -123,7 +137,7 @@ class _Proxying(Resource):
             # The channel refuses a chunk size that would go past this.
             request.maxBodySize = self.maxBodySize
         transport: Any = request.transport
-        exchange = Exchange(self, request, target, length, transport, True)
+        exchange = Exchange(self.route, request, target, length, transport, True)
         exchange.start()
         return exchange
 
@@ -170,19 +184,20 @@ class FrontendAPIProxy(_Proxying):
                 maxConnections=config.pool_size,
                 idleTimeout=config.pool_idle_timeout,
             )
+        self.config = config
+        self._injected = injected_block(
+            config.proxy_url_header, config.secret_key.headerValue()
+        )
         _Proxying.__init__(
             self,
             reactor,
             upstream,
             ClientAddress(config.trusted_proxies),
             config.max_body_size,
-            config.upstream_timeout,
+            config.timeouts,
             metrics,
-        )
-        self.config = config
-        self.hostHeader = config.fapi_host_header
-        self._injected = injected_block(
-            config.proxy_url_header, config.secret_key.headerValue()
+            config.fapi_host_header,
+            LocationRewrite.fromConfig(config),
         )
 
     def target(self, uri: bytes) -> bytes | None:
@@ -212,20 +227,20 @@ class AppProxy(_Proxying):
         basePath: bytes,
         clientAddress: ClientAddress,
         maxBodySize: int,
-        upstreamTimeout: float,
+        timeouts: Timeouts,
         metrics: Metrics | None = None,
     ) -> None:
+        self._base = basePath
         _Proxying.__init__(
             self,
             reactor,
             upstream,
             clientAddress,
             maxBodySize,
-            upstreamTimeout,
+            timeouts,
             metrics,
+            hostHeader,
         )
-        self.hostHeader = hostHeader
-        self._base = basePath
 
     def target(self, uri: bytes) -> bytes | None:
         if uri[:1] != b"/":

@@ -55,6 +55,7 @@ class StreamingRequest(server.Request):
     clientAddressText: bytes | None = None
     upstreamSeconds: float | None = None
     upstreamReused: bool | None = None
+    siteName: str | None = None  # with --config, the site that served it
 
     def watchConnection(self, onLost: Callable[[], object]) -> None:
         """

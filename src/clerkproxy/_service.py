@@ -25,9 +25,11 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from ._accesslog import AccessLog
+from ._acme import AcmeManager
 from ._config import ConfigError
 from ._site import StreamingSite
-from ._tls import TICKET_KEY_LIFETIME, ReloadableServerTLS
+from ._sni import ServerTLS
+from ._tls import TICKET_KEY_LIFETIME
 from ._twisted_compat import raise_synchronously
 from ._upstream import UpstreamPool
 
@@ -44,6 +46,7 @@ class ProxyService(Service):
     @param endpoints: Where to serve C{site}.
     @param admin: The admin endpoint and site, if any.
     @param tls: The reloadable serving certificate, if TLS is terminated.
+    @param acme: Obtains and renews certificates while the service runs.
     @param installSignals: Take over SIGTERM (drain, then exit 0) and
         SIGHUP (reload certificates).  Off for embedding and tests.
     """
@@ -56,9 +59,10 @@ class ProxyService(Service):
         endpoints: Sequence[IStreamServerEndpoint],
         drainTimeout: float,
         admin: tuple[IStreamServerEndpoint, Site] | None = None,
-        tls: ReloadableServerTLS | None = None,
+        tls: ServerTLS | None = None,
         accessLog: AccessLog | None = None,
         installSignals: bool = True,
+        acme: AcmeManager | None = None,
     ) -> None:
         self._reactor = reactor
         self._site = site
@@ -67,6 +71,7 @@ class ProxyService(Service):
         self._tls = tls
         self._accessLog = accessLog
         self._installSignals = installSignals
+        self._acme = acme
         self._ports = [_listening(endpoint, site) for endpoint in endpoints]
         self._admin = _listening(admin[0], admin[1]) if admin is not None else None
         self._terminating = False
@@ -84,6 +89,8 @@ class ProxyService(Service):
                 port.startService()
         except Exception as e:  # a port in use, a bad address, no permission
             raise SystemExit(f"clerkproxy: cannot listen: {e}") from None
+        if self._acme is not None:
+            self._reactor.callWhenRunning(self._acme.start)
         if self._tls is not None:
             self._rotation = LoopingCall(self._tls.rotateTicketKeys)
             self._rotation.clock = self._reactor
@@ -140,6 +147,8 @@ class ProxyService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        if self._acme is not None:
+            self._acme.stop()
         if self._rotation is not None and self._rotation.running:
             self._rotation.stop()
         self._site.draining = True

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._acme import AcmeSettings
 from ._config import DEFAULT_FAPI, ConfigError, ProxyConfig
 from ._endpoints import check_admin_port, check_port
 from ._h2 import HTTP2Settings
+from ._sites import Site, read_sites
+from ._sni import ServerTLS
 from ._tls import ReloadableServerTLS, load_trust_root
 from ._workers import ListenSpec, worker_listen_spec
 
@@ -45,10 +48,13 @@ class ServeSettings:
         binds for them, one per port.
     @ivar argv: The command line as given, for workers to parse again.
     @ivar http2: HTTP/2 to clients (C{--http2}, C{--h2c} and its limits).
+    @ivar sites: With C{--config}, every site (C{config} is the first's).
+    @ivar acme: What C{--acme-*} (or the config file's C{[acme]}) asks for.
+    @ivar redirectHTTP: Whether plain-HTTP requests get a 308 to https.
     """
 
     config: ProxyConfig
-    tls: ReloadableServerTLS | None
+    tls: ServerTLS | None
     fapiCA: str | None
     trustRoot: IOpenSSLTrustRoot | None
     headerTimeout: float
@@ -61,6 +67,9 @@ class ServeSettings:
     listenSpecs: tuple[ListenSpec, ...]
     argv: tuple[str, ...]
     http2: HTTP2Settings = attrs.field(factory=HTTP2Settings)
+    sites: tuple[Site, ...] = ()
+    acme: AcmeSettings | None = None
+    redirectHTTP: bool = False
 
 
 def read_settings(
@@ -70,6 +79,12 @@ def read_settings(
     The settings C{options} (parsed C{twistd clerkproxy} options) and
     C{environ} describe; L{ConfigError} for the first mistake found.
     """
+    multi = read_sites(options, environ)
+    if multi.file is not None:
+        options = multi.options
+        first = multi.file.sites[0]
+        options["proxy-url"], options["app"] = first.proxy_url, first.app
+        environ = {**environ, "CLERK_SECRET_KEY": first.secret}
     proxyURL = options["proxy-url"] or environ.get("CLERK_PROXY_URL")
     if not proxyURL:
         raise ConfigError(
@@ -90,7 +105,9 @@ def read_settings(
     certPath, keyPath = options["tls-cert"], options["tls-key"]
     if bool(certPath) != bool(keyPath):
         raise ConfigError("--tls-cert and --tls-key must be given together")
-    tls = ReloadableServerTLS(certPath, keyPath) if certPath else None
+    tls: ServerTLS | None = multi.tls
+    if tls is None and certPath:
+        tls = ReloadableServerTLS(certPath, keyPath)
     fapiCA = options["fapi-ca"] or None
     trustRoot = load_trust_root(fapiCA) if fapiCA else None
     config = ProxyConfig(
@@ -101,8 +118,12 @@ def read_settings(
         max_body_size=_number(options, "max-body-size", int),
         connect_timeout=_number(options, "connect-timeout", float),
         upstream_timeout=_number(options, "upstream-timeout", float),
+        body_timeout=_number(options, "body-timeout", float),
+        upstream_read_timeout=_number(options, "upstream-read-timeout", float),
+        send_timeout=_number(options, "send-timeout", float),
         app_url=options["app"],
     )
+    sites = multi.sites(config)
     headerTimeout = _number(options, "header-timeout", float)
     idleTimeout = _number(options, "idle-timeout", float)
     drainTimeout = _number(options, "drain-timeout", float)
@@ -116,6 +137,11 @@ def read_settings(
             ) from None
     ports = tuple(options["port"] or ["tcp:8080"])
     workers = _workers_count(options["workers"])
+    if workers > 1 and multi.acme is not None:
+        raise ConfigError(
+            "--workers and ACME (--acme-domain, or acme = true in --config) "
+            "cannot be combined: run one process"
+        )
     listenSpecs: tuple[ListenSpec, ...] = ()
     if workers > 1:
         listenSpecs = tuple(
@@ -130,7 +156,7 @@ def read_settings(
         check_port(description, tls)
     adminPort = options["admin-port"] or None
     if adminPort:
-        check_admin_port(adminPort, workers)
+        check_admin_port(adminPort)
     http2 = options.get("http2", "on")
     if http2 not in ("on", "off"):
         raise ConfigError(f"--http2 must be on or off, got {http2!r}")
@@ -148,6 +174,7 @@ def read_settings(
             tls=http2 == "on",
             h2c=bool(options.get("h2c")),
             maxConcurrentStreams=streams,
+            sendTimeout=config.timeouts.send,
         ),
         config=config,
         tls=tls,
@@ -162,6 +189,9 @@ def read_settings(
         workers=workers,
         listenSpecs=listenSpecs,
         argv=tuple(argv),
+        sites=sites,
+        acme=multi.acme,
+        redirectHTTP=multi.redirect(ports, tls, config.trusted_proxies),
     )
 
 

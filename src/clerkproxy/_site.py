@@ -105,8 +105,8 @@ class StreamingSite(Site):
     ) -> None:
         self.maxRequestLine = maxRequestLine
         self.maxHeaderSize = maxHeaderSize
-        self.headerDeadlines = Deadlines(clock, headerTimeout)
-        self.idleDeadlines = Deadlines(clock, idleTimeout)
+        self.headerDeadlines: Deadlines[_Channel] = Deadlines(clock, headerTimeout)
+        self.idleDeadlines: Deadlines[_Channel] = Deadlines(clock, idleTimeout)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog
@@ -114,7 +114,7 @@ class StreamingSite(Site):
         self._clientAddress = clientAddress or ClientAddress(())
         if http2 is not None:
             self.http2 = http2
-        self.h2SendDeadlines = Deadlines(clock, self.http2.sendTimeout)
+        self.h2SendDeadlines: Deadlines[Any] = Deadlines(clock, self.http2.sendTimeout)
 
     def requestStarted(self, request: StreamingRequest) -> None:
         """The request's head is in: it is now in flight."""
@@ -137,9 +137,12 @@ class StreamingSite(Site):
         seconds = self._clock.seconds() - request.startedAt
         metrics = self.metrics
         metrics.inFlight -= 1
+        siteName = getattr(request, "siteName", None)
         protocol = request.clientproto
         if status != 499:
             metrics.finished(request.method, status, seconds, protocol)
+            if siteName is not None:
+                metrics.siteFinished(siteName, status)
         accessLog = self.accessLog
         if accessLog is not None:
             client = request.clientAddressText
@@ -160,6 +163,7 @@ class StreamingSite(Site):
                 upstreamSeconds=request.upstreamSeconds,
                 reused=request.upstreamReused,
                 protocol=protocol.decode("ascii", "replace"),
+                site=siteName,
             )
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -37,11 +37,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GROUPS",
+    "HTTP_PROTOCOLS",
     "TICKET_KEY_LIFETIME",
     "ReloadableServerTLS",
     "load_trust_root",
+    "read_certificate_files",
     "server_tls_options",
+    "tls_options",
 ]
+
+#: The application protocols offered by ALPN on every TLS listener, in the
+#: server's order of preference.  This is the one place the list lives: the
+#: single-certificate listener and the SNI listener (which adds
+#: C{acme-tls/1} for ACME challenges) both read it.
+HTTP_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 
 #: Forward-secret AEAD suites only; TLS 1.3's own suites are always on.
 MODERN_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
@@ -101,16 +110,21 @@ def server_tls_options(certPath: str, keyPath: str) -> CertificateOptions:
     return _options(_material(certPath, keyPath))
 
 
-def _material(certPath: str, keyPath: str) -> tuple[Any, Any, list[Any]]:
+def _material(
+    certPath: str,
+    keyPath: str,
+    certOption: str = "--tls-cert",
+    keyOption: str = "--tls-key",
+) -> tuple[Any, Any, list[Any]]:
     """The private key, the leaf and the rest of the chain, checked."""
-    _certificates(certPath, "--tls-cert")  # clear errors for a bad file
-    chain = x509.load_pem_x509_certificates(_read(certPath, "--tls-cert"))
-    keyData = _read(keyPath, "--tls-key")
+    _certificates(certPath, certOption)  # clear errors for a bad file
+    chain = x509.load_pem_x509_certificates(_read(certPath, certOption))
+    keyData = _read(keyPath, keyOption)
     try:
         key = load_pem_private_key(keyData, password=None)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"--tls-key {keyPath} is not a readable PEM private key "
+            f"{keyOption} {keyPath} is not a readable PEM private key "
             "(an encrypted key is not supported)"
         ) from None
     material = (key, chain[0], chain[1:])
@@ -118,10 +132,31 @@ def _material(certPath: str, keyPath: str) -> tuple[Any, Any, list[Any]]:
         _options(material)
     except SSL.Error:
         raise ConfigError(
-            f"--tls-key {keyPath} does not match the certificate in "
-            f"--tls-cert {certPath}"
+            f"{keyOption} {keyPath} does not match the certificate in "
+            f"{certOption} {certPath}"
         ) from None
     return material
+
+
+def read_certificate_files(
+    certPath: str,
+    keyPath: str,
+    certOption: str = "--tls-cert",
+    keyOption: str = "--tls-key",
+) -> tuple[Any, list[x509.Certificate]]:
+    """The private key and the chain (leaf first) in two PEM files."""
+    key, leaf, rest = _material(certPath, keyPath, certOption, keyOption)
+    return key, [leaf, *rest]
+
+
+def tls_options(key: Any, chain: list[x509.Certificate]) -> CertificateOptions:
+    """
+    Server-side TLS (as L{server_tls_options}) for a loaded key and chain,
+    or with no certificate at all when both are empty.
+
+    @raise SSL.Error: The key does not match the certificate.
+    """
+    return _options((key, chain[0] if chain else None, chain[1:]))
 
 
 def _options(material: tuple[Any, Any, list[Any]]) -> CertificateOptions:
@@ -134,10 +169,10 @@ def _options(material: tuple[Any, Any, list[Any]]) -> CertificateOptions:
     options = CertificateOptions(
         privateKey=material[0],
         certificate=material[1],
-        extraCertChain=material[2],
+        extraCertChain=material[2] or None,
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=MODERN_CIPHERS,
-        acceptableProtocols=[b"http/1.1"],
+        acceptableProtocols=list(HTTP_PROTOCOLS),
         # Twisted turns both off by default; without them no client ever
         # resumes a session and each one pays a full handshake.
         enableSessions=True,

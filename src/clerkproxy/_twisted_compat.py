@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
@@ -36,6 +37,7 @@ __all__ = [
     "replace_chunked_decoder",
     "request_line",
     "request_version",
+    "write_buffered",
 ]
 
 #: Private methods of C{twisted.web.http.HTTPChannel} that
@@ -130,3 +132,23 @@ def clear_tls_options(options: Any, flags: int) -> None:
     on a context once set).
     """
     options._options &= ~flags
+
+
+def write_buffered(transport: object) -> int | None:
+    """
+    How many bytes written to C{transport} its socket has not taken yet,
+    found under any TLS or PROXY-protocol wrapping (each keeps the next
+    transport down in C{.transport}); L{None} for a transport that is not
+    a C{FileDescriptor} in the end.  A C{FileDescriptor} keeps what it
+    has not sent in C{dataBuffer} from C{offset} on, plus C{_tempDataLen}
+    bytes not yet joined to it.
+    """
+    for _ in range(4):
+        if isinstance(transport, FileDescriptor):
+            unsent = len(transport.dataBuffer) - transport.offset
+            held: int = unsent + transport._tempDataLen
+            return held
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None

@@ -14,12 +14,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import attrs
+
 
 def main(argv: Sequence[str]) -> None:
     split = list(argv).index("--")
     head = list(argv[:split])
     inherited = [head[i + 1] for i in range(len(head)) if head[i] == "--inherited"]
     index = int(head[head.index("--index") + 1]) if "--index" in head else 0
+    adminSocket = (
+        head[head.index("--admin-socket") + 1] if "--admin-socket" in head else None
+    )
     from ._endpoints import adopted_endpoint
     from ._serve import build_service
     from .tap import Options
@@ -27,6 +32,11 @@ def main(argv: Sequence[str]) -> None:
     options = Options()
     options.parseOptions([*argv[split + 1 :], "--workers", "1"])
     settings = options.settings
+    if adminSocket is not None:
+        # The supervisor serves --admin-port for the group and asks this
+        # worker on its own socket.
+        path = adminSocket.replace("\\", "\\\\").replace(":", "\\:")
+        settings = attrs.evolve(settings, adminPort=f"unix:{path}:mode=600")
 
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver

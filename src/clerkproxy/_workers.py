@@ -7,26 +7,34 @@ C{adoptStreamPort} and runs its own proxy with its own FAPI pool; the
 kernel hands each new connection to whichever worker accepts first.  A
 worker that dies is restarted, and because the listening socket lives in
 the parent, connections waiting in its queue are not lost meanwhile.
+
+With C{--admin-port}, the parent alone listens on it and answers for the
+group (see L{clerkproxy._groupadmin}); each worker serves its own admin
+resource on a UNIX socket in a private directory of the parent's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._config import ConfigError
+from ._groupadmin import GroupAdmin, group_admin_site
 from ._twisted_compat import parse_endpoint_description
 
 __all__ = ["ListenSpec", "WorkerSupervisor", "bind", "worker_listen_spec"]
@@ -116,6 +124,8 @@ class WorkerSupervisor(Service):
     Keeps C{count} workers running on the inherited C{sockets}.
 
     @param argv: The worker's command line after the interpreter.
+    @param admin: Where to serve the group's C{/metrics}, C{/healthz} and
+        C{/readyz}, if anywhere.
     """
 
     def __init__(
@@ -125,6 +135,7 @@ class WorkerSupervisor(Service):
         sockets: Sequence[tuple[socket.socket, ListenSpec]],
         argv: Sequence[str],
         drainTimeout: float = 30.0,
+        admin: IStreamServerEndpoint | None = None,
     ) -> None:
         self._reactor = reactor
         self._drainTimeout = drainTimeout
@@ -135,9 +146,16 @@ class WorkerSupervisor(Service):
         self._transports: dict[int, Any] = {}
         self._delays: dict[int, float] = {}
         self._stopping = False
+        self._adminEndpoint = admin
+        self._adminPort: Any = None
+        self._adminDir: str | None = None
+        self._adminSockets: dict[int, str] = {}
+        self.group: GroupAdmin | None = None
 
     def startService(self) -> None:
         Service.startService(self)
+        if self._adminEndpoint is not None:
+            self._startAdmin(self._adminEndpoint)
         for index in range(self._count):
             self._spawn(index)
         self._reactor.callWhenRunning(self._takeSignals)
@@ -164,6 +182,38 @@ class WorkerSupervisor(Service):
         for transport in self._transports.values():
             _signal(transport, name)
 
+    def _startAdmin(self, endpoint: IStreamServerEndpoint) -> None:
+        # A directory only this user can enter holds the workers' sockets.
+        self._adminDir = tempfile.mkdtemp(prefix="clerkproxy-admin-")
+        self._adminSockets = {
+            index: os.path.join(self._adminDir, f"worker-{index}.sock")
+            for index in range(self._count)
+        }
+        self.group = GroupAdmin(
+            self._reactor,
+            self._adminSockets,
+            alive=lambda: list(self._workers),
+            expected=self._count,
+            stopping=lambda: self._stopping,
+        )
+        listening = endpoint.listen(group_admin_site(self.group, self._reactor))
+        failures: list[Failure] = []
+        listening.addCallbacks(self._adminListening, failures.append)
+        if failures:
+            self._removeAdminDir()
+            raise SystemExit(
+                f"clerkproxy: cannot listen on --admin-port: "
+                f"{failures[0].getErrorMessage()}"
+            )
+
+    def _adminListening(self, port: Any) -> None:
+        self._adminPort = port
+
+    def _removeAdminDir(self) -> None:
+        if self._adminDir is not None:
+            shutil.rmtree(self._adminDir, ignore_errors=True)
+            self._adminDir = None
+
     def _spawn(self, index: int) -> None:
         worker = _Worker(self, index)
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
@@ -182,6 +232,7 @@ class WorkerSupervisor(Service):
             "--index",
             str(index),
             *fdArgs,
+            *self._adminArgs(index),
             "--",
             *self._argv,
         ]
@@ -190,10 +241,20 @@ class WorkerSupervisor(Service):
             worker, sys.executable, argv, env=os.environ.copy(), childFDs=childFDs
         )
 
+    def _adminArgs(self, index: int) -> list[str]:
+        path = self._adminSockets.get(index)
+        if path is None:
+            return []
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a worker that died
+        return ["--admin-socket", path]
+
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         index = worker.index
         self._workers.pop(index, None)
         self._transports.pop(index, None)
+        if self.group is not None:
+            self.group.workerEnded(index)
         if self._stopping:
             return
         delay = self._delays.get(index, _RESTART_MIN)
@@ -220,12 +281,15 @@ class WorkerSupervisor(Service):
             _signal(transport, "TERM")
         killer = self._reactor.callLater(self._drainTimeout + STOP_GRACE, self._killAll)
 
-        def done(result: object) -> object:
+        def done(result: object) -> Deferred[Any]:
             if killer.active():
                 killer.cancel()
             for sock, _ in self._sockets:
                 sock.close()
-            return result
+            self._removeAdminDir()
+            if self._adminPort is not None:
+                return maybeDeferred(self._adminPort.stopListening)
+            return succeed(None)
 
         return DeferredList(ended).addBoth(done)
 

@@ -17,6 +17,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ._acme import LETS_ENCRYPT
 from ._config import DEFAULT_FAPI, ConfigError, MiB
 from ._endpoints import server_endpoint
 from ._serve import build_service, build_supervisor
@@ -71,6 +72,24 @@ class Options(usage.Options):
         ["max-body-size", None, 16 * MiB, "Largest request body relayed, in bytes."],
         ["connect-timeout", None, 10.0, "Seconds to connect to FAPI."],
         ["upstream-timeout", None, 30.0, "Seconds for FAPI to start answering."],
+        [
+            "body-timeout",
+            None,
+            30.0,
+            "Seconds a request body may go without a byte from the client.",
+        ],
+        [
+            "upstream-read-timeout",
+            None,
+            60.0,
+            "Seconds FAPI's response body may go without a byte.",
+        ],
+        [
+            "send-timeout",
+            None,
+            60.0,
+            "Seconds a client may go without taking a byte of its response.",
+        ],
         ["header-timeout", None, 10.0, "Seconds a request head may take to arrive."],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive connection is kept."],
         [
@@ -97,6 +116,28 @@ class Options(usage.Options):
             None,
             "1",
             "Worker processes sharing the ports: a number, or auto for one per CPU.",
+        ],
+        ["config", None, None, "A TOML file describing one or more sites."],
+        ["acme-email", None, None, "Contact address for the ACME account."],
+        [
+            "acme-directory",
+            None,
+            None,
+            f"ACME directory URL (default Let's Encrypt, {LETS_ENCRYPT}).",
+        ],
+        ["acme-ca", None, None, "PEM trust roots for a private ACME server."],
+        [
+            "acme-dir",
+            None,
+            None,
+            "Where the ACME account key and certificates are kept "
+            "(default $STATE_DIRECTORY/acme, else ./clerkproxy-acme).",
+        ],
+        [
+            "acme-challenge",
+            None,
+            None,
+            "Use only this challenge: tls-alpn-01 or http-01 (default both).",
         ],
         [
             "http2",
@@ -125,6 +166,8 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["port"] = []
         self["trusted-proxy"] = []
+        self["acme-domain"] = []
+        self["redirect-http"] = None
 
     def opt_port(self, description: str) -> None:
         """Listen here: an endpoint description, or a bare port number
@@ -134,6 +177,20 @@ class Options(usage.Options):
     def opt_trusted_proxy(self, cidr: str) -> None:
         """A peer range whose X-Forwarded-For is believed.  Repeatable."""
         self["trusted-proxy"].append(cidr)
+
+    def opt_acme_domain(self, name: str) -> None:
+        """Obtain and renew a certificate for this name over ACME.
+        Repeatable."""
+        self["acme-domain"].append(name)
+
+    def opt_redirect_http(self) -> None:
+        """Answer plain-HTTP requests with a 308 to https (the default when
+        there is a TLS port, a plain port and no --trusted-proxy)."""
+        self["redirect-http"] = True
+
+    def opt_no_redirect_http(self) -> None:
+        """Serve plain-HTTP requests instead of redirecting them."""
+        self["redirect-http"] = False
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         # Kept verbatim so that worker processes can parse the same options.

@@ -1,0 +1,184 @@
+"""
+The queued-client-leaves leak of issue 7, and the capacity design, driven
+through the whole proxy in memory: real site, channel, exchange, pool and
+connections; FAPI's connection attempts are Deferreds the test fires; one
+injected clock.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_pool import FakeEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import provider
+
+from clerkproxy import FrontendAPIProxy, ProxyConfig, build_site
+from clerkproxy._metrics import MetricsCollector
+from clerkproxy._upstream import UpstreamPool
+
+GET = b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n"
+STALLED_POST = (
+    b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"
+)
+
+
+@pytest.fixture
+def logged_errors() -> Iterator[list[dict[str, Any]]]:
+    """Every error or critical log event (Unhandled Error included)."""
+    errors: list[dict[str, Any]] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or event.get("log_level") in (
+            LogLevel.error,
+            LogLevel.critical,
+        ):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield errors
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+class Proxy:
+    def __init__(self, poolSize: int, idleTimeout: float = 30.0) -> None:
+        self.clock = MemoryReactorClock()
+        self.endpoint = FakeEndpoint()
+        self.pool = UpstreamPool(
+            self.clock, self.endpoint, maxConnections=poolSize, idleTimeout=idleTimeout
+        )
+        config = ProxyConfig(
+            proxy_url="https://app.test/__clerk",
+            secret_key="sk_live_memory",
+            fapi_url="https://fapi.test",
+            upstream_timeout=60.0,
+        )
+        self.resource = FrontendAPIProxy(config, self.clock, upstream=self.pool)
+        self.site = build_site(self.resource, self.clock)
+
+    def client(self, request: bytes) -> tuple[Any, StringTransport]:
+        protocol = self.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request)
+        return protocol, transport
+
+    def baseline(self) -> dict[str, int]:
+        p = self.pool
+        return {
+            "open": p.openConnections,
+            "busy": p.busyConnections,
+            "relaying": p.relayingConnections,
+            "connecting": p.connectingConnections,
+            "queued": p.queuedRequests,
+        }
+
+
+def test_queued_clients_that_leave_while_their_connections_are_made(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    proxy = Proxy(poolSize=256, idleTimeout=30.0)
+    endpoint, pool = proxy.endpoint, proxy.pool
+    # 256 clients fill the pool ...
+    first = [proxy.client(GET) for _ in range(256)]
+    busy = [endpoint.complete(i) for i in range(256)]
+    assert pool.busyConnections == 256
+    # ... and 256 more queue a POST whose body never comes.
+    queued = [proxy.client(STALLED_POST) for _ in range(256)]
+    assert pool.queuedRequests == 256 and len(endpoint.attempts) == 256
+    # FAPI closes the busy connections; new connects stall.
+    for proto, _ in busy:
+        proto.connectionLost(Failure(ConnectionLost()))
+    for _, transport in first:
+        assert transport.value().startswith(b"HTTP/1.1 502 ")
+    assert len(endpoint.attempts) == 512 and pool.connectingConnections == 256
+    # The queued clients go away meanwhile.
+    for protocol, _ in queued:
+        protocol.connectionLost(Failure(ConnectionLost()))
+    assert pool.queuedRequests == 0
+    # The stalled connects complete: nobody's request is sent on them.
+    made = [endpoint.complete(i) for i in range(256, 512)]
+    assert all(transport.value() == b"" for _, transport in made)
+    assert pool.idleConnections == 256 and pool.busyConnections == 0
+    # After the idle timeout they are closed, and the pool is back to baseline.
+    proxy.clock.advance(31)
+    assert all(transport.disconnecting for _, transport in made)
+    for proto, _ in made:
+        proto.connectionLost(Failure(ConnectionDone()))
+    assert proxy.baseline() == {
+        "open": 0,
+        "busy": 0,
+        "relaying": 0,
+        "connecting": 0,
+        "queued": 0,
+    }
+    # Concurrent requests are served in parallel again.
+    clients = [proxy.client(GET) for _ in range(10)]
+    assert len(endpoint.attempts) == 522
+    fresh = [endpoint.complete(512 + n)[0] for n in range(10)]
+    assert pool.busyConnections == 10 and pool.queuedRequests == 0
+    for proto in fresh:
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert all(t.value().startswith(b"HTTP/1.1 200 OK") for _, t in clients)
+    gc.collect()  # a Deferred dropped with a failure would log it now
+    assert logged_errors == []
+
+
+def test_stalled_relays_do_not_hold_the_pool(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    With a pool of two, two clients that stop reading a large answer hold
+    their own connections; a third request gets a connection at once.
+    """
+    proxy = Proxy(poolSize=2)
+    endpoint, pool = proxy.endpoint, proxy.pool
+    slow = []
+    for n in range(2):
+        protocol, transport = proxy.client(
+            b"GET /__clerk/npm/big HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        upstream, upstream_transport = endpoint.complete(n)
+        upstream.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50000000\r\n\r\n" + b"x" * 65536
+        )
+        transport.producer.pauseProducing()  # type: ignore[union-attr]  # socket full
+        assert upstream_transport.producerState == "paused"
+        slow.append((upstream, upstream_transport, transport))
+    assert pool.relayingConnections == 2 and pool.busyConnections == 0
+    _, ordinary = proxy.client(GET)
+    assert len(endpoint.attempts) == 3  # no wait in the queue
+    upstream, _ = endpoint.complete(2)
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert ordinary.value().startswith(b"HTTP/1.1 200 OK")
+    assert pool.idleConnections == 1 and pool.relayingConnections == 2
+    assert gauges(proxy) == {
+        ("clerkproxy_upstream_connections", "connecting"): 0,
+        ("clerkproxy_upstream_connections", "busy"): 0,
+        ("clerkproxy_upstream_connections", "relaying"): 2,
+        ("clerkproxy_upstream_connections", "idle"): 1,
+        ("clerkproxy_upstream_queued_requests", None): 0,
+    }
+    assert logged_errors == []
+
+
+def gauges(proxy: Proxy) -> dict[tuple[str, str | None], float]:
+    """The pool gauges as /metrics would export them."""
+    out: dict[tuple[str, str | None], float] = {}
+    for family in MetricsCollector(proxy.resource.metrics).collect():
+        if family.name in (
+            "clerkproxy_upstream_connections",
+            "clerkproxy_upstream_queued_requests",
+        ):
+            for sample in family.samples:
+                out[(sample.name, sample.labels.get("state"))] = sample.value
+    return out
