@@ -267,5 +267,5 @@ async def test_one_admin_port_adds_up_every_worker(
     assert opened == [({}, 2.0)]
     _, after = seen["after"]
     assert _samples(after, "clerkproxy_requests_total") == [
-        ({"method": "GET", "code": "200"}, 8.0)
+        ({"method": "GET", "code": "200", "protocol": "HTTP/1.1"}, 8.0)
     ]
