@@ -26,8 +26,9 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -302,7 +303,9 @@ def clerkproxy(workers: int = 1) -> Callable[[Setup, int], subprocess.Popen[byte
     return start
 
 
-def nginx_contender(tuned: bool) -> Callable[[Setup, int], subprocess.Popen[bytes]]:
+def nginx_contender(
+    tuned: bool, listen_ssl: bool = False
+) -> Callable[[Setup, int], subprocess.Popen[bytes]]:
     def start(s: Setup, port: int) -> subprocess.Popen[bytes]:
         if tuned:
             upstream = f"upstream fapi {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 128; keepalive_requests 1000000; }}"
@@ -332,11 +335,21 @@ def nginx_contender(tuned: bool) -> Callable[[Setup, int], subprocess.Popen[byte
                 proxy_set_header X-Forwarded-For $remote_addr;
                 proxy_redirect off;
             }}"""
-        name = "nginx-tuned" if tuned else "nginx-recipe"
+        name = ("nginx-tuned" if tuned else "nginx-recipe") + (
+            "-ssl" if listen_ssl else ""
+        )
+        # With ssl: the recipe's server block with "listen ... ssl" and a
+        # certificate, nothing else (nginx resumes by ticket by default).
+        tls = (
+            f"ssl_certificate {s.cert}; ssl_certificate_key {s.key};"
+            if listen_ssl
+            else ""
+        )
         server = f"""
         {upstream}
         server {{
-            listen 127.0.0.1:{port} backlog=1024;
+            listen 127.0.0.1:{port} {"ssl " if listen_ssl else ""}backlog=1024;
+            {tls}
             client_max_body_size 0;
             {location}
         }}"""
@@ -368,6 +381,14 @@ CONTENDERS = {
             lambda s: str(s.ca),
         ),
     ),
+    "clerkway": Contender(
+        "clerkway (FastAPI + httpx, uvicorn)",
+        python_contender(
+            "clerkway_proxy.py",
+            lambda s: f"https://localhost:{UPSTREAM_PORT}",
+            lambda s: str(s.ca),
+        ),
+    ),
     "twisted-stock": Contender(
         "Twisted ReverseProxyResource",
         python_contender(
@@ -388,6 +409,7 @@ class Sample:
     rps: float
     p50_ms: float
     p99_ms: float
+    p999_ms: float
     cpu_per_1k: float
     peak_rss_mib: float
     new_upstream_per_1k: float
@@ -398,6 +420,11 @@ class Sample:
 class Results:
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     memory: list[tuple[str, str]] = field(default_factory=list)
+    #: The same figures as numbers, for the JSON: label -> (value, unit).
+    memory_values: dict[str, tuple[float, str]] = field(default_factory=dict)
+    #: RSS (KiB) of each contender against idle keep-alive connections held.
+    idle_curves: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    tls: Any = None
 
 
 def parse_duration_ms(text: str) -> float:
@@ -406,8 +433,9 @@ def parse_duration_ms(text: str) -> float:
 
 
 def run_wrk(
-    port: int, seconds: float, connections: int
-) -> tuple[float, float, float, int, int]:
+    port: int, seconds: float, connections: int, scheme: str = "http"
+) -> tuple[float, float, float, float, int, int]:
+    """(req/s, p50 ms, p99 ms, p99.9 ms, requests, errors) of one wrk run."""
     out = subprocess.run(
         [
             "wrk",
@@ -415,7 +443,9 @@ def run_wrk(
             f"-c{connections}",
             f"-d{max(1, round(seconds))}s",
             "--latency",
-            f"http://127.0.0.1:{port}{TARGET}",
+            "-s",
+            str(HERE / "latency.lua"),
+            f"{scheme}://127.0.0.1:{port}{TARGET}",
         ],
         capture_output=True,
         text=True,
@@ -424,6 +454,7 @@ def run_wrk(
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = parse_duration_ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = parse_duration_ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p999 = int(re.search(r"P99\.9 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = 0
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
@@ -432,7 +463,7 @@ def run_wrk(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
     ):
         errors += sum(int(g) for g in m.groups())
-    return rps, p50, p99, total, errors
+    return rps, p50, p99, p999, total, errors
 
 
 def check_answer(port: int) -> None:
@@ -454,7 +485,7 @@ def one_sample(
         run_wrk(port, warmup, connections)
         accepts = upstream_accepts()
         cpu = cpu_seconds(process.pid)
-        rps, p50, p99, total, errors = run_wrk(port, seconds, connections)
+        rps, p50, p99, p999, total, errors = run_wrk(port, seconds, connections)
         cpu = cpu_seconds(process.pid) - cpu
         opened = upstream_accepts() - accepts - 1  # the status request itself
         peak = memory_kib(process.pid, "VmHWM") / 1024
@@ -464,6 +495,7 @@ def one_sample(
         rps,
         p50,
         p99,
+        p999,
         1000 * cpu / max(total, 1),
         peak,
         1000 * max(opened, 0) / max(total, 1),
@@ -498,7 +530,42 @@ async def _hold_connections(
     return writers
 
 
-def idle_connection_cost(s: Setup, count: int, tls: bool) -> float:
+IDLE_STEPS = 5
+#: Seconds to let the process settle before reading its RSS (less in --quick).
+IDLE_SETTLE = 1.0
+
+
+def idle_curve(
+    process: subprocess.Popen[bytes],
+    port: int,
+    count: int,
+    context: ssl.SSLContext | None,
+) -> list[tuple[int, int]]:
+    """
+    (idle keep-alive connections held, RSS KiB) as C{count} connections,
+    each after one request, are added in L{IDLE_STEPS} batches.
+    """
+
+    async def measure() -> list[tuple[int, int]]:
+        await _hold_connections(port, 50, context)  # warm caches and the pool
+        await asyncio.sleep(0.5)
+        curve = [(0, memory_kib(process.pid, "VmRSS"))]
+        writers: list[asyncio.StreamWriter] = []
+        for step in range(1, IDLE_STEPS + 1):
+            batch = count * step // IDLE_STEPS - len(writers)
+            writers += await _hold_connections(port, batch, context)
+            await asyncio.sleep(IDLE_SETTLE)
+            curve.append((len(writers), memory_kib(process.pid, "VmRSS")))
+        for w in writers:
+            w.transport.abort()
+        return curve
+
+    return asyncio.run(measure())
+
+
+def idle_connection_cost(
+    s: Setup, count: int, tls: bool, curves: dict[str, list[tuple[int, int]]]
+) -> float:
     """KiB of proxy RSS added per idle keep-alive connection (after one request)."""
     port = PROXY_TLS_PORT if tls else PROXY_PORT
     wait_port_free(port)
@@ -519,19 +586,25 @@ def idle_connection_cost(s: Setup, count: int, tls: bool) -> float:
         context = ssl.create_default_context(cafile=str(s.ca))
     try:
         wait_port(port)
+        curve = idle_curve(process, port, count, context)
+    finally:
+        stop(process)
+    curves["clerkproxy --tls-cert" if tls else "clerkproxy"] = curve
+    return (curve[-1][1] - curve[0][1]) / count
 
-        async def measure() -> float:
-            await _hold_connections(port, 50, context)  # warm caches and the pool
-            await asyncio.sleep(0.5)
-            before = memory_kib(process.pid, "VmRSS")
-            writers = await _hold_connections(port, count, context)
-            await asyncio.sleep(1.0)
-            after = memory_kib(process.pid, "VmRSS")
-            for w in writers:
-                w.transport.abort()
-            return (after - before) / count
 
-        return asyncio.run(measure())
+#: Contenders whose memory against idle plain connections is charted too.
+IDLE_OTHERS = ("nginx-recipe", "aiohttp", "clerkway")
+
+
+def idle_contender_curve(s: Setup, key: str, count: int) -> list[tuple[int, int]]:
+    port = PROXY_PORT
+    wait_port_free(port)
+    process = CONTENDERS[key].start(s, port)
+    try:
+        wait_port(port)
+        check_answer(port)
+        return idle_curve(process, port, count, None)
     finally:
         stop(process)
 
@@ -701,16 +774,7 @@ def machine() -> str:
     )
 
 
-def report(results: Results, args: argparse.Namespace) -> str:
-    lines = [
-        f"Machine: {machine()}",
-        "",
-        f"{args.rounds} interleaved rounds, {args.duration:g} s each, wrk -t1 -c{args.connections}, "
-        "medians. Upstream: nginx over TLS on loopback, sharing the cores.",
-        "",
-        "| contender | req/s | p50 ms | p99 ms | CPU s / 1k req | peak RSS MiB | new upstream conns / 1k req | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def sample_medians(results: Results) -> dict[str, dict[str, float]]:
     medians: dict[str, dict[str, float]] = {}
     for key, samples in results.samples.items():
         m = {
@@ -719,6 +783,7 @@ def report(results: Results, args: argparse.Namespace) -> str:
                 "rps",
                 "p50_ms",
                 "p99_ms",
+                "p999_ms",
                 "cpu_per_1k",
                 "peak_rss_mib",
                 "new_upstream_per_1k",
@@ -726,9 +791,24 @@ def report(results: Results, args: argparse.Namespace) -> str:
         }
         m["errors"] = sum(x.errors for x in samples)
         medians[key] = m
+    return medians
+
+
+def report(results: Results, args: argparse.Namespace) -> str:
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"{args.rounds} interleaved rounds, {args.duration:g} s each, wrk -t1 -c{args.connections}, "
+        "medians. Upstream: nginx over TLS on loopback, sharing the cores.",
+        "",
+        "| contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 1k req | peak RSS MiB | new upstream conns / 1k req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    medians = sample_medians(results)
+    for key, m in medians.items():
         lines.append(
             f"| {CONTENDERS[key].name} | {m['rps']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
-            f"{m['cpu_per_1k']:.3f} | {m['peak_rss_mib']:.1f} | {m['new_upstream_per_1k']:.2f} | {m['errors']:.0f} |"
+            f"{m['p999_ms']:.2f} | {m['cpu_per_1k']:.3f} | {m['peak_rss_mib']:.1f} | {m['new_upstream_per_1k']:.2f} | {m['errors']:.0f} |"
         )
     lines.append("")
     if "clerkproxy" in medians:
@@ -736,6 +816,15 @@ def report(results: Results, args: argparse.Namespace) -> str:
         for key, m in medians.items():
             if key != "clerkproxy":
                 lines.append(f"clerkproxy/{key} = {ours['rps'] / m['rps']:.2f} (req/s)")
+        for key, m in medians.items():
+            if key != "clerkproxy":
+                lines.append(
+                    f"clerkproxy/{key} = {ours['cpu_per_1k'] / m['cpu_per_1k']:.2f} (CPU per request)"
+                )
+        if "nginx-recipe" in medians:
+            lines.append(
+                f"clerkproxy/nginx-recipe p99 = {ours['p99_ms'] / medians['nginx-recipe']['p99_ms']:.2f}"
+            )
         if "aiohttp" in medians:
             lines.append(
                 f"clerkproxy/aiohttp p99 = {ours['p99_ms'] / medians['aiohttp']['p99_ms']:.2f}"
@@ -744,10 +833,49 @@ def report(results: Results, args: argparse.Namespace) -> str:
             lines.append(
                 f"clerkproxy-2w/nginx-recipe = {medians['clerkproxy-2w']['rps'] / medians.get('nginx-recipe', {'rps': float('nan')})['rps']:.2f} (req/s)"
             )
+    if results.tls is not None:
+        import tls_rows
+
+        lines += tls_rows.report(results.tls)
     if results.memory:
         lines += ["", "| clerkproxy memory | result |", "|---|---:|"]
         lines += [f"| {what} | {value} |" for what, value in results.memory]
     return "\n".join(lines)
+
+
+def write_json(results: Results, args: argparse.Namespace, path: Path) -> None:
+    """Everything the Markdown report says, as data (for bench/charts.py)."""
+    import json
+
+    medians = sample_medians(results)
+    data = {
+        "machine": machine(),
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "idle": args.idle,
+            "quick": args.quick,
+        },
+        "contenders": {
+            key: {
+                "name": CONTENDERS[key].name,
+                "median": medians[key],
+                "samples": [asdict(x) for x in samples],
+            }
+            for key, samples in results.samples.items()
+        },
+        "memory": {
+            label: {"value": value, "unit": unit}
+            for label, (value, unit) in results.memory_values.items()
+        },
+        "idle_curves": {
+            name: [{"connections": n, "rss_kib": rss} for n, rss in curve]
+            for name, curve in results.idle_curves.items()
+        },
+        "tls": results.tls.as_json() if results.tls is not None else None,
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main() -> None:
@@ -782,6 +910,25 @@ def main() -> None:
         "--quick", action="store_true", help="a smoke run: tiny and fast"
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latest.md")
+    parser.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="skip the TLS termination rows",
+    )
+    parser.add_argument(
+        "--handshake-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of close-after-each-request clients per TLS handshake sample",
+    )
+    parser.add_argument(
+        "--charts",
+        type=Path,
+        default=None,
+        help="where bench/charts.py writes its PNGs (default: docs/ for a full "
+        "run with the default --output, else beside --output)",
+    )
     import scenarios  # bench/scenarios.py: the hostile-client scenarios
 
     scenarios.add_arguments(parser)
@@ -791,6 +938,12 @@ def main() -> None:
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 1.0, 0.5
         args.idle, args.stream_size = 200, 8 << 20
+        args.handshake_seconds = 1.0
+        global IDLE_SETTLE
+        IDLE_SETTLE = 0.2
+    if args.charts is None:
+        default = args.output == parser.get_default("output") and not args.quick
+        args.charts = HERE.parent / "docs" if default else args.output.parent
     raise_fd_limit()
     keys = [k for k in args.only.split(",") if k]
     for key in keys:
@@ -820,12 +973,38 @@ def main() -> None:
                     f"new-upstream/1k {sample.new_upstream_per_1k:.2f}",
                     flush=True,
                 )
+        if args.tls:
+            import tls_rows  # bench/tls_rows.py: clients speak TLS to the contender
+
+            results.tls = tls_rows.TLSResults()
+            for _ in range(args.rounds):
+                for key in tls_rows.CONTENDERS:
+                    if key in keys:
+                        tls_rows.one_round(
+                            s,
+                            key,
+                            args.duration,
+                            args.warmup,
+                            args.connections,
+                            args.handshake_seconds,
+                            2,
+                            results.tls,
+                        )
         if args.idle:
             for tls in (False, True):
-                cost = idle_connection_cost(s, args.idle, tls)
+                cost = idle_connection_cost(s, args.idle, tls, results.idle_curves)
                 label = f"RSS per idle keep-alive {'TLS' if tls else 'plain'} client connection ({args.idle:,} connections)"
                 results.memory.append((label, f"{cost:.1f} KiB"))
+                results.memory_values[label] = (cost, "KiB")
                 print(label, f"{cost:.1f} KiB", flush=True)
+            for key in IDLE_OTHERS:
+                if key in keys:
+                    curve = idle_contender_curve(s, key, args.idle)
+                    results.idle_curves[CONTENDERS[key].name] = curve
+                    print(
+                        f"idle {key}: {(curve[-1][1] - curve[0][1]) / args.idle:.1f} KiB per connection",
+                        flush=True,
+                    )
         if args.stream_size:
             for direction in ("download", "upload", "slow-writer"):
                 growth, seconds = streaming_growth(
@@ -838,6 +1017,7 @@ def main() -> None:
                 }[direction]
                 label = f"RSS growth streaming {args.stream_size / 2**30:.3g} GiB {peer} ({args.stream_rate / 1e6:.0f} MB/s, {seconds:.1f} s)"
                 results.memory.append((label, f"{growth:.1f} MiB"))
+                results.memory_values[label] = (growth, "MiB")
                 print(label, f"{growth:.1f} MiB", flush=True)
     finally:
         stop(upstream)
@@ -845,8 +1025,17 @@ def main() -> None:
     text = report(results, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text + "\n")
+    data = args.output.with_suffix(".json")
+    write_json(results, args, data)
+    import charts  # bench/charts.py
+
+    drawn = charts.render(data, args.charts)
     print()
     print(text)
+    print()
+    print(
+        f"bench: wrote {args.output}, {data} and {len(drawn)} charts in {args.charts}"
+    )
 
 
 if __name__ == "__main__":

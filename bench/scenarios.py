@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--attack-duration",
         type=float,
-        help="seconds of ordinary requests under attack (default 120; --quick 3)",
+        help="seconds of ordinary requests under attack (default 120; --quick 2)",
     )
     group.add_argument(
         "--ordinary-rate",
@@ -133,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--settle",
         type=float,
         help="after the attack, seconds to wait for the contender's fds to reach their baseline "
-        f"(default {POOL_IDLE_TIMEOUT + 15:g}: the pool's idle timeout and a margin; --quick 3)",
+        f"(default {POOL_IDLE_TIMEOUT + 15:g}: the pool's idle timeout and a margin; --quick 1)",
     )
     group.add_argument(
         "--trickle-interval",
@@ -195,10 +196,10 @@ def settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setti
         scenarios=[SCENARIOS[n] for n in dict.fromkeys(names)],
         contenders=contenders,
         attackers=args.attackers,
-        duration=pick(args.attack_duration, 120.0, 3.0),
+        duration=pick(args.attack_duration, 120.0, 2.0),
         rate=args.ordinary_rate,
         timeout=pick(args.ordinary_timeout, 40.0, 10.0),
-        settle=pick(args.settle, POOL_IDLE_TIMEOUT + 15, 3.0),
+        settle=pick(args.settle, POOL_IDLE_TIMEOUT + 15, 1.0),
         interval=args.trickle_interval,
         proxy_args=args.proxy_arg,
         quick=args.quick,
@@ -209,7 +210,27 @@ def settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setti
 # the stand-in FAPI and the contenders
 
 
-def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of one run, free when it starts: not run.py's fixed
+    ones, so that a scenario run and a throughput run can share a machine."""
+
+    upstream: int
+    status: int
+    proxy: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        sockets = [socket.socket() for _ in range(3)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        numbers = [sock.getsockname()[1] for sock in sockets]
+        for sock in sockets:
+            sock.close()
+        return cls(*numbers)
+
+
+def start_upstream(s: harness.Setup, ports: Ports) -> subprocess.Popen[bytes]:
     """The benchmark's stand-in FAPI, patient with a slow proxy.
 
     Like run.py's, plus: it waits up to 10 minutes for the proxy to read an
@@ -227,13 +248,13 @@ def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
     send_timeout 600s;
     client_body_timeout 600s;
     server {{
-        listen 127.0.0.1:{harness.UPSTREAM_PORT} ssl sndbuf=128k;
+        listen 127.0.0.1:{ports.upstream} ssl sndbuf=128k;
         ssl_certificate {s.cert};
         ssl_certificate_key {s.key};
         client_max_body_size 0;
         location /big {{ alias {s.big}; }}
         location /v1/client/sign_ins {{
-            proxy_pass http://127.0.0.1:{harness.STATUS_PORT}/json;
+            proxy_pass http://127.0.0.1:{ports.status}/json;
         }}
         location / {{
             default_type application/json;
@@ -241,7 +262,7 @@ def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
         }}
     }}
     server {{
-        listen 127.0.0.1:{harness.STATUS_PORT};
+        listen 127.0.0.1:{ports.status};
         location /status {{ stub_status; }}
         location /json {{
             default_type application/json;
@@ -250,17 +271,17 @@ def start_upstream(s: harness.Setup) -> subprocess.Popen[bytes]:
     }}
 """
     process = harness.start_nginx(harness.nginx_conf(s.work, "upstream", server))
-    harness.wait_port(harness.UPSTREAM_PORT)
-    harness.wait_port(harness.STATUS_PORT)
+    harness.wait_port(ports.upstream)
+    harness.wait_port(ports.status)
     return process
 
 
 def start_clerkproxy(
-    s: harness.Setup, port: int, log: Path, workers: int, extra: list[str]
+    s: harness.Setup, ports: Ports, log: Path, workers: int, extra: list[str]
 ) -> subprocess.Popen[bytes]:
     options = [
         "--port",
-        f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+        f"tcp:{ports.proxy}:interface=127.0.0.1:backlog=4096",
         "--drain-timeout",
         "2",
     ]
@@ -268,7 +289,9 @@ def start_clerkproxy(
         options += ["--workers", str(workers)]
     argv = [
         "--logfile=" + str(log) if a.startswith("--logfile=") else a
-        for a in harness.clerkproxy_argv(s, options + extra)
+        for a in harness.clerkproxy_argv(
+            s, options + extra, f"https://localhost:{ports.upstream}"
+        )
     ]
     return subprocess.Popen(
         argv,
@@ -279,7 +302,7 @@ def start_clerkproxy(
     )
 
 
-def start_nginx_recipe(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
+def start_nginx_recipe(s: harness.Setup, ports: Ports) -> subprocess.Popen[bytes]:
     """Clerk's nginx recipe as run.py has it, with C{proxy_max_temp_file_size 0}:
     by default nginx spools up to 1 GiB of each answer a client is slow to
     take to a temporary file, which for 1,000 stalled readers of a 64 MiB
@@ -287,11 +310,11 @@ def start_nginx_recipe(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
     like clerkproxy, leaves the rest in the upstream connection."""
     server = f"""
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{ports.proxy} backlog=4096;
         client_max_body_size 0;
         location /__clerk/ {{
             rewrite ^/__clerk/(.*)$ /$1 break;
-            proxy_pass https://localhost:{harness.UPSTREAM_PORT};
+            proxy_pass https://localhost:{ports.upstream};
             proxy_set_header Clerk-Proxy-Url {harness.PROXY_URL};
             proxy_set_header Clerk-Secret-Key {harness.SECRET};
             proxy_set_header X-Forwarded-For $remote_addr;
@@ -306,11 +329,12 @@ def start_nginx_recipe(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
 # /proc
 
 
-def open_fds(pids: list[int]) -> int:
+def open_fds(pid: int) -> int:
+    """Open file descriptors of a process and its descendants."""
     total = 0
-    for pid in pids:
+    for p in harness.descendants(pid):
         try:
-            total += len(os.listdir(f"/proc/{pid}/fd"))
+            total += len(os.listdir(f"/proc/{p}/fd"))
         except OSError:
             continue
     return total
@@ -329,35 +353,23 @@ def tcp_kernel_mib() -> float:
     return 0.0
 
 
-def rss_kib(pids: list[int], key: str = "VmRSS") -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
-
-
 class Sampler:
     """Peak fds and RSS of a process tree, and the machine's TCP buffer
     memory, sampled every 0.2 s in a thread (so that reading /proc does not
     delay the ordinary client)."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.peak_fds = open_fds(pids)
-        self.peak_rss = rss_kib(pids)
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_fds = open_fds(pid)
+        self.peak_rss = harness.memory_kib(pid, "VmRSS")
         self.peak_tcp = self.baseline_tcp = tcp_kernel_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak_fds = max(self.peak_fds, open_fds(self.pids))
-            self.peak_rss = max(self.peak_rss, rss_kib(self.pids))
+            self.peak_fds = max(self.peak_fds, open_fds(self.pid))
+            self.peak_rss = max(self.peak_rss, harness.memory_kib(self.pid, "VmRSS"))
             self.peak_tcp = max(self.peak_tcp, tcp_kernel_mib())
 
     def __enter__(self) -> Sampler:
@@ -368,7 +380,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         # VmHWM catches a peak between two samples.
-        self.peak_rss = max(self.peak_rss, rss_kib(self.pids, "VmHWM"))
+        self.peak_rss = max(self.peak_rss, harness.memory_kib(self.pid, "VmHWM"))
 
 
 # --------------------------------------------------------------------------
@@ -453,10 +465,18 @@ async def ordinary_requests(
 class Attack:
     """A running attack: start(), ready(), stop() -> counts."""
 
+    argv: list[str]
     process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Start C{argv} in its own process group, stdin and stdout piped."""
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=harness.raise_fd_limit,
+        )
 
     async def ready(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -473,13 +493,19 @@ class Attack:
             self.kill()
 
     def kill(self) -> None:
-        """Kill whatever is left of the attack's process group."""
-        if self.process is None:
+        """Kill the attack's process group, unless it has been reaped."""
+        if self.process is None or self.process.returncode is not None:
             return
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    async def reap(self) -> None:
+        """Kill and wait for the attack, if it still runs."""
+        if self.process is not None and self.process.returncode is None:
+            self.kill()
+            await self.process.wait()
 
 
 class ClientAttack(Attack):
@@ -506,15 +532,6 @@ class ClientAttack(Attack):
             "3600",
         ]
 
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=harness.raise_fd_limit,
-        )
-
     async def _line(self) -> dict[str, Any]:
         assert self.process is not None and self.process.stdout is not None
         line = await self.process.stdout.readline()
@@ -538,7 +555,7 @@ class WrkAttack(Attack):
     """wrk -t1 -cN on /v1/client, stopped with SIGINT (it then reports)."""
 
     def __init__(
-        self, port: int, count: int, longest: float, pids: list[int], baseline: int
+        self, port: int, count: int, longest: float, pid: int, baseline: int
     ) -> None:
         self.argv = [
             "wrk",
@@ -549,22 +566,13 @@ class WrkAttack(Attack):
             "10s",
             f"http://127.0.0.1:{port}{harness.TARGET}",
         ]
-        self.count, self.pids, self.baseline = count, pids, baseline
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=harness.raise_fd_limit,
-        )
+        self.count, self.pid, self.baseline = count, pid, baseline
 
     async def ready(self) -> dict[str, Any]:
         # Ready when most of its connections reached the contender, or after 15 s.
         started = time.monotonic()
         while time.monotonic() - started < 15:
-            if open_fds(self.pids) - self.baseline >= 0.9 * self.count:
+            if open_fds(self.pid) - self.baseline >= 0.9 * self.count:
                 break
             await asyncio.sleep(0.2)
         return {"ramp_seconds": round(time.monotonic() - started, 2)}
@@ -608,30 +616,18 @@ def log_errors(log: Path) -> int:
     return count
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
-async def settled_in(pids: list[int], expected: int, limit: float, busy: bool) -> float:
+async def settled_in(pid: int, expected: int, limit: float, busy: bool) -> float:
     """Wait until the contender has taken the attack in: its fds reached
     C{expected} and stopped growing for a second and, unless the attack
     keeps it C{busy}, it used under half a core in that second (or
     C{limit} passed)."""
     started = time.monotonic()
-    peak, peaked = open_fds(pids), started
-    cpu = [(started, cpu_seconds(pids))]
+    peak, peaked = open_fds(pid), started
+    cpu = [(started, harness.cpu_seconds(pid))]
     while time.monotonic() - started < limit:
         await asyncio.sleep(0.25)
-        now, moment = open_fds(pids), time.monotonic()
-        cpu.append((moment, cpu_seconds(pids)))
+        now, moment = open_fds(pid), time.monotonic()
+        cpu.append((moment, harness.cpu_seconds(pid)))
         if now > peak:
             peak, peaked = now, moment
             continue
@@ -643,13 +639,11 @@ async def settled_in(pids: list[int], expected: int, limit: float, busy: bool) -
     return round(time.monotonic() - started, 2)
 
 
-def await_baseline(
-    pids: list[int], baseline: int, limit: float
-) -> tuple[int, float | None]:
+def await_baseline(pid: int, baseline: int, limit: float) -> tuple[int, float | None]:
     """(fds at the end, seconds until they were back to C{baseline} or None)."""
     started = time.monotonic()
     while True:
-        now = open_fds(pids)
+        now = open_fds(pid)
         elapsed = time.monotonic() - started
         if now <= baseline:
             return now, round(elapsed, 1)
@@ -659,16 +653,20 @@ def await_baseline(
 
 
 def run_one(
-    scenario: Scenario, contender: str, s: harness.Setup, cfg: Settings
+    scenario: Scenario,
+    contender: str,
+    s: harness.Setup,
+    ports: Ports,
+    cfg: Settings,
 ) -> dict[str, Any]:
-    port = harness.PROXY_PORT
+    port = ports.proxy
     harness.wait_port_free(port)
     log = s.work / f"{scenario.name}-{contender}.log"
     if contender == "nginx-recipe":
-        process = start_nginx_recipe(s, port)
+        process = start_nginx_recipe(s, ports)
     else:
         workers = 2 if contender == "clerkproxy-2w" else 1
-        process = start_clerkproxy(s, port, log, workers, cfg.proxy_args)
+        process = start_clerkproxy(s, ports, log, workers, cfg.proxy_args)
     count = cfg.attackers or (
         scenario.quick_attackers if cfg.quick else scenario.attackers
     )
@@ -678,56 +676,61 @@ def run_one(
         "attackers": count,
         "attack_seconds": cfg.duration,
     }
-    attack: Attack | None = None
     try:
         harness.wait_port(port)
+        if process.poll() is not None:
+            raise RuntimeError(f"{contender} exited at start ({process.returncode})")
         harness.check_answer(port)
-        time.sleep(0.5)  # let --workers children start
-        pids = harness.descendants(process.pid)
+        pid = process.pid
         # Warm up: a few concurrent requests, so the pool holds what an
         # ordinary client needs before the baseline is taken.
         asyncio.run(ordinary_requests(port, 0.5, 8, cfg.timeout))
         time.sleep(0.5)
-        baseline_fds = open_fds(pids)
+        baseline_fds = open_fds(pid)
         result["baseline_fds"] = baseline_fds
-        result["baseline_rss_mib"] = round(rss_kib(pids) / 1024, 1)
+        result["baseline_rss_mib"] = round(harness.memory_kib(pid, "VmRSS") / 1024, 1)
 
         async def attacked() -> None:
-            nonlocal attack
+            attack: Attack
             if scenario.name == "many-clients":
                 longest = cfg.duration + cfg.timeout + 30
-                attack = WrkAttack(port, count, longest, pids, baseline_fds)
+                attack = WrkAttack(port, count, longest, pid, baseline_fds)
             else:
                 attack = ClientAttack(scenario.name, port, count, cfg.interval)
+            try:
+                await under_attack(attack)
+            finally:
+                await attack.reap()
+
+        async def under_attack(attack: Attack) -> None:
             await attack.start()
             result["attack"] = await attack.ready()
             result["attack"]["settled_in_s"] = await settled_in(
-                pids,
+                pid,
                 baseline_fds + count,
                 5.0 if cfg.quick else 30.0,
                 busy=scenario.name == "many-clients",
             )
-            cpu, started = cpu_seconds(pids), time.monotonic()
+            cpu, started = harness.cpu_seconds(pid), time.monotonic()
             result["ordinary"] = await ordinary_requests(
                 port, cfg.duration, cfg.rate, cfg.timeout
             )
             result["cpu_percent"] = round(
-                100 * (cpu_seconds(pids) - cpu) / (time.monotonic() - started)
+                100 * (harness.cpu_seconds(pid) - cpu) / (time.monotonic() - started)
             )
             result["attack"] = {**result["attack"], **await attack.stop()}
 
-        with Sampler(pids) as sampler:
+        with Sampler(pid) as sampler:
             asyncio.run(attacked())
+        result["contender_exited"] = process.poll()
         result["peak_fds"] = sampler.peak_fds
         result["peak_rss_mib"] = round(sampler.peak_rss / 1024, 1)
         result["tcp_buffers_mib"] = round(sampler.peak_tcp - sampler.baseline_tcp)
-        after, seconds = await_baseline(pids, baseline_fds, cfg.settle)
+        after, seconds = await_baseline(pid, baseline_fds, cfg.settle)
         result["fds_after"] = after
         result["fds_back_after_s"] = seconds
         result["settle_limit_s"] = cfg.settle
     finally:
-        if attack is not None:
-            attack.kill()
         harness.stop(process)
     result["log_errors"] = log_errors(log) if contender != "nginx-recipe" else None
     return result
@@ -767,6 +770,33 @@ def table(results: list[dict[str, Any]], cfg: Settings) -> str:
     return "\n".join(lines)
 
 
+def warn_kernel_memory(cfg: Settings) -> None:
+    """Say so when stalled readers may exceed the kernel's TCP memory limits:
+    each can hold up to the largest TCP send buffer (tcp_wmem's third
+    field) on the proxy's side, and past tcp_mem's middle field the kernel
+    slows every connection on the machine."""
+    readers = [s for s in cfg.scenarios if s.name.endswith("readers")]
+    if not readers:
+        return
+    count = cfg.attackers or max(
+        s.quick_attackers if cfg.quick else s.attackers for s in readers
+    )
+    try:
+        wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+        pressure = int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    if count * wmem > pressure * page:
+        print(
+            f"bench: warning: {count} stalled readers may hold up to "
+            f"{count * wmem / 2**30:.1f} GiB of TCP buffers, past the kernel's "
+            f"pressure mark (net.ipv4.tcp_mem: {pressure * page / 2**30:.1f} GiB); "
+            "see docs/performance.md, Kernel memory",
+            flush=True,
+        )
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     cfg = settings(parser, args)
     for tool in ("nginx", "wrk"):
@@ -775,19 +805,24 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"bench: {tool} is not installed; run bench/run, which installs it"
             )
     harness.raise_fd_limit()
+    # SIGTERM, like Ctrl-C, unwinds through the finally blocks that stop
+    # every process this run started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     output: Path = args.output
     if output == parser.get_default("output"):
         output = HERE / "results" / "scenarios.md"
+    warn_kernel_memory(cfg)
     work = Path(tempfile.mkdtemp(prefix="clerkproxy-scenarios-"))
     s = harness.make_setup(work, BIG_SIZE)
-    upstream = start_upstream(s)
+    ports = Ports.free()
+    upstream = start_upstream(s, ports)
     results: list[dict[str, Any]] = []
     broken: list[str] = []
     try:
         for scenario in cfg.scenarios:
             for contender in cfg.contenders:
                 started = time.monotonic()
-                r = run_one(scenario, contender, s, cfg)
+                r = run_one(scenario, contender, s, ports, cfg)
                 r["wall_seconds"] = round(time.monotonic() - started, 1)
                 results.append(r)
                 o = r["ordinary"]
@@ -801,10 +836,21 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     f"({r['wall_seconds']} s)",
                     flush=True,
                 )
-                if not r["attack"].get("connected", 1) or not o["statuses"]:
+                if (
+                    not r["attack"].get("connected", 1)
+                    or not o["statuses"]
+                    or r["contender_exited"] is not None
+                ):
                     broken.append(f"{scenario.name} {contender}")
     finally:
         harness.stop(upstream)
+        # Keep clerkproxy's logs beside the report, for the errors column.
+        logs = output.with_name(output.stem + "-logs")
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        for log in work.glob("*.log*"):
+            if "clerkproxy" in log.name:
+                shutil.copy(log, logs)
         shutil.rmtree(work, ignore_errors=True)
     text = table(results, cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -814,6 +860,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     print(text)
     if broken:
         sys.exit(
-            "bench: the attack or the ordinary client never got through in: "
-            + ", ".join(broken)
+            "bench: the contender exited, or the attack or the ordinary client "
+            "never got through, in: " + ", ".join(broken)
         )

@@ -251,3 +251,116 @@ async def test_renewal_swaps_without_dropping_and_failure_keeps_the_old(
     finally:
         await edge.close()
         pebble.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_sites_get_certificates_and_proxy(
+    tmp_path: Path, events: list[str], fapi: Any, ca: Any
+) -> None:
+    """The whole edge: a config file, Pebble, /readyz, both sites proxying."""
+    from pebble import free_port
+    from test_sites import KEY_A, KEY_B, _read_response, settings_for
+
+    from clerkproxy._endpoints import server_endpoint
+    from clerkproxy._serve import build_service
+
+    pebble = Pebble(tmp_path / "pebble")
+    admin = free_port()
+    (tmp_path / "a.key").write_text(KEY_A)
+    ca.cert_pem.write_to_path(str(tmp_path / "fapi-ca.pem"))
+    config = tmp_path / "sites.toml"
+    config.write_text(
+        f"""
+port = ["tls:tcp:{pebble.tlsPort}:interface=127.0.0.1",
+        "tcp:{pebble.httpPort}:interface=127.0.0.1"]
+fapi = "{fapi.url}"
+fapi_ca = "fapi-ca.pem"
+admin_port = "tcp:{admin}:interface=127.0.0.1"
+
+[acme]
+directory = "{pebble.directory}"
+ca = "{pebble.ca}"
+dir = "acme"
+
+[[site]]
+proxy_url = "https://one.example.test/__clerk"
+secret_key_file = "a.key"
+acme = true
+
+[[site]]
+hosts = ["two.example.test"]
+proxy_url = "https://two.example.test/__clerk"
+secret_key_env = "KEY_FOR_B"
+acme = true
+"""
+    )
+    settings = settings_for(["--config", str(config)])
+    assert settings.redirectHTTP
+    endpoints = [server_endpoint(reactor, d, settings.tls) for d in settings.ports]
+    service = build_service(settings, reactor, endpoints, installSignals=False)
+
+    def readyz() -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+            s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+            status, _, body = _read_response(s)
+            return status, body
+
+    service.startService()
+    try:
+        status, body = await deferToThread(readyz)
+        assert status == 503 and b"no certificate yet" in body
+        await until(
+            lambda: service._acme.issued == 2 or service._acme.failures, "certs"
+        )
+        assert service._acme.issued == 2, (events, pebble.log())
+        assert (await deferToThread(readyz))[0] == 200
+        root = pebble.root()
+        context = ssl.create_default_context(cadata=root.decode("ascii"))
+
+        def get(name: str) -> tuple[int, dict[bytes, bytes], bytes]:
+            raw = socket.create_connection(("127.0.0.1", pebble.tlsPort), timeout=5)
+            with context.wrap_socket(raw, server_hostname=name) as tls:
+                tls.sendall(
+                    f"GET /__clerk/v1/client HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
+                )
+                return _read_response(tls)
+
+        for name in ["one.example.test", "two.example.test"]:
+            assert (await deferToThread(get, name))[0] == 200
+        keys = [
+            [v for n, v in seen["headers"] if n.lower() == "clerk-secret-key"]
+            for seen in fapi.seen
+        ]
+        assert keys == [[KEY_A], [KEY_B]]
+
+        def plain(path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+            with socket.create_connection(
+                ("127.0.0.1", pebble.httpPort), timeout=5
+            ) as s:
+                s.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: two.example.test\r\n\r\n".encode()
+                )
+                return _read_response(s)
+
+        status, headers, _ = await deferToThread(plain, "/__clerk/v1/client")
+        assert status == 308
+        assert headers[b"location"] == b"https://two.example.test/__clerk/v1/client"
+        # Challenge paths are never redirected (no challenge is pending now).
+        status, _, _ = await deferToThread(plain, "/.well-known/acme-challenge/x")
+        assert status == 404
+
+        def metrics() -> str:
+            with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                return _read_response(s)[2].decode()
+
+        text = await deferToThread(metrics)
+        assert 'clerkproxy_certificate_expiry_seconds{name="two.example.test"}' in text
+        assert "clerkproxy_acme_failures_total 0.0" in text
+        assert (
+            'clerkproxy_site_requests_total{code="200",site="one.example.test"} 1.0'
+            in text
+        )
+    finally:
+        await service.stopService()
+        pebble.stop()

@@ -60,6 +60,9 @@ def test_root_proxy_url_owns_everything() -> None:
         ({"max_body_size": -1}, "--max-body-size"),
         ({"connect_timeout": 0}, "--connect-timeout"),
         ({"upstream_timeout": -5}, "--upstream-timeout"),
+        ({"body_timeout": 0}, "--body-timeout"),
+        ({"upstream_read_timeout": -1}, "--upstream-read-timeout"),
+        ({"send_timeout": 0}, "--send-timeout"),
     ],
 )
 def test_bad_values_name_the_option(overrides: dict[str, object], needle: str) -> None:

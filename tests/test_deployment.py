@@ -30,7 +30,7 @@ def block(language: str, marker: str) -> str:
 
 
 def test_the_systemd_units_use_socket_activation_drain_and_reload() -> None:
-    service = block("ini", "ExecStart=")
+    service = block("ini", "systemd:domain=INET")
     socket_unit = block("ini", "ListenStream=")
     assert "systemd:domain=INET:index=0" in service
     assert "ExecReload=/bin/kill -HUP $MAINPID" in service
@@ -141,3 +141,62 @@ async def test_systemd_socket_activation(
         output, _ = await deferToThread(process.communicate, timeout=20)
     assert data.startswith(b"HTTP/1.1 200 "), output
     assert process.returncode == 0, output
+
+
+def _twistd_args(text: str) -> list[str]:
+    """The options after C{clerkproxy} in a (continued) twistd command line."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    line = next(ln for ln in joined.splitlines() if "twistd" in ln)
+    words = shlex.split(line)
+    return words[words.index("clerkproxy") + 1 :]
+
+
+def _settings(argv: list[str], environ: dict[str, str]) -> Any:
+    from clerkproxy._settings import read_settings
+    from clerkproxy.tap import Options
+
+    options = Options()
+    options.postOptions = lambda: None  # type: ignore[method-assign]
+    options.parseOptions(argv)
+    return read_settings(options, environ, argv)
+
+
+def test_the_bare_vm_commands_and_unit_describe_an_acme_edge(tmp_path: Path) -> None:
+    commands = block("sh", "--acme-domain")
+    assert commands.count("\n") - commands.count("\\\n") == 2  # two commands
+    argv = _twistd_args(commands)
+    argv[argv.index("--acme-dir") + 1] = str(tmp_path / "acme")
+    settings = _settings(argv, {"CLERK_SECRET_KEY": SECRET})
+    assert settings.acme.domains == ("app.example.com",)
+    assert settings.acme.directory.startswith("https://acme-v02.api.letsencrypt.org")
+    assert settings.redirectHTTP and settings.ports == ("443", "tcp:80")
+
+    unit = block("ini", "--acme-domain")
+    assert "StateDirectory=clerkproxy" in unit and "CAP_NET_BIND_SERVICE" in unit
+    (tmp_path / "secret-key").write_text(SECRET)
+    argv = [
+        a.replace("%d", str(tmp_path)).replace("/var/log/clerkproxy", str(tmp_path))
+        for a in _twistd_args(unit)
+    ]
+    settings = _settings(argv, {"STATE_DIRECTORY": str(tmp_path / "state")})
+    assert settings.acme.path == str(tmp_path / "state" / "acme")
+
+
+def test_the_multi_site_example_loads(tmp_path: Path) -> None:
+    from clerkproxy._sites import load_config
+
+    text = block("toml", "app.example.org")
+    for name in ["app", "org"]:
+        (tmp_path / f"{name}.key").write_text(SECRET)
+        text = text.replace(
+            f"/etc/clerkproxy/{name}.key", str(tmp_path / f"{name}.key")
+        )
+    (tmp_path / "sites.toml").write_text(text)
+    loaded = load_config(str(tmp_path / "sites.toml"), {})
+    assert [s.hosts for s in loaded.sites] == [
+        ("app.example.com",),
+        ("app.example.org",),
+    ]
+    assert all(s.acme for s in loaded.sites)

@@ -11,7 +11,7 @@ import pytest
 from test_pool import RESPONSE, FakeEndpoint, serve_one
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -508,11 +508,24 @@ def slow_client(rig: Rig) -> tuple[Any, SlowSocket, Any, StringTransport]:
 
 
 def test_a_client_that_takes_nothing_is_cut_at_the_send_deadline() -> None:
+    from twisted.logger import globalLogPublisher
+
     rig = Rig()
     client, socket, upstream, upstream_transport = slow_client(rig)
     rig.clock.advance(59.9)
     assert not socket.aborted
-    rig.clock.advance(0.1)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        rig.clock.advance(0.1)
+        # Both sockets then report their end, as real ones would.
+        upstream.connectionLost(Failure(ConnectionAborted()))
+        socket.connectionLost(Failure(ConnectionAborted()))
+        client.connectionLost(Failure(ConnectionAborted()))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if e.get("log_failure") or e.get("isError")] == []
+    assert [e.get("log_format") for e in events] == []
     assert socket.aborted
     assert upstream_transport.disconnecting
     assert rig.pool.idleConnections == 0
@@ -525,7 +538,32 @@ def test_a_client_that_takes_nothing_is_cut_at_the_send_deadline() -> None:
         "idle": 0,
     }
     assert rig.proxy.metrics.upstreamErrors == {}
-    client.connectionLost(Failure(ConnectionDone()))  # and nothing breaks
+    assert scraped_timeouts(rig) == {
+        "header": 0.0,
+        "body": 0.0,
+        "upstream": 0.0,
+        "upstream_read": 0.0,
+        "send": 1.0,
+        "idle": 0.0,
+    }
+
+
+def scraped_timeouts(rig: Rig) -> dict[str, float]:
+    """clerkproxy_timeouts_total as /metrics shows it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clerkproxy._metrics import MetricsCollector
+
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(rig.proxy.metrics))
+    text = generate_latest(registry).decode()
+    return {
+        sample.labels["phase"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "clerkproxy_timeouts_total"
+    }
 
 
 def test_a_client_that_takes_a_little_gets_another_period() -> None:
@@ -583,3 +621,29 @@ def test_a_client_leaving_mid_relay_leaves_no_reference_cycle() -> None:
         gc.set_debug(0)
         gc.garbage.clear()
     assert leaked == []
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        (
+            b"https://fapi.test/v1/oauth_callback?a=1",
+            b"https://app.test/__clerk/v1/oauth_callback?a=1",
+        ),
+        (b"https://accounts.example.com/x", b"https://accounts.example.com/x"),
+        (b"/v1/client", b"/v1/client"),
+    ],
+)
+def test_a_redirect_into_fapi_comes_back_through_the_proxy(
+    location: bytes, expected: bytes
+) -> None:
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(GET)
+    upstream, _ = rig.endpoint.complete()
+    upstream.dataReceived(
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: "
+        + location
+        + b"\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert b"\r\nLocation: " + expected + b"\r\n" in client_transport.value()

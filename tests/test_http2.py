@@ -58,9 +58,16 @@ def make_h2(
     def make(http2: HTTP2Settings | None = None, **overrides: Any) -> H2Proxy:
         settings = http2 or HTTP2Settings(h2c=True)
         log = overrides.pop("access_log", None)
+        perClient = overrides.pop("max_connections_per_client", 0)
 
         def site(resource: Any, reactor: Any) -> Any:
-            return build_site(resource, reactor, http2=settings, access_log=log)
+            return build_site(
+                resource,
+                reactor,
+                http2=settings,
+                access_log=log,
+                max_connections_per_client=perClient,
+            )
 
         h2proxy = H2Proxy(make_proxy(site_factory=site, **overrides), ca)
         made.append(h2proxy)
@@ -440,3 +447,20 @@ def test_options(
     options.parseOptions(["--proxy-url", "https://app.test/__clerk", *args])
     http2 = options.settings.http2
     assert (http2.tls, http2.h2c, http2.maxConcurrentStreams) == (tls, h2c, streams)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_per_client_counts_h2_connections(
+    make_h2: Callable[..., H2Proxy], fapi: Any
+) -> None:
+    h2proxy = make_h2(max_connections_per_client=1)
+    first = await h2proxy.client()
+    assert (await first.get("/__clerk/v1/client")).status == 200
+    second = await h2proxy.client()
+    second.send("GET", "/__clerk/v1/client")
+    await within(second.closed)
+    assert len(fapi.seen) == 1
+    first.transport.loseConnection()
+    await within(first.closed)
+    third = await h2proxy.client()
+    assert (await third.get("/__clerk/v1/client")).status == 200

@@ -310,3 +310,30 @@ def test_single_site_flags_still_work_and_redirect_by_default(tmp_path: Path) ->
     assert acme.redirectHTTP
     with pytest.raises(ConfigError, match="--acme-challenge"):
         settings_for([*base, "--acme-domain", "a.test", "--acme-challenge", "dns-01"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_every_sites_certificate(
+    tmp_path: Path, ca: trustme.CA, fapi: Any
+) -> None:
+    config = two_sites(tmp_path, ca, fapi)
+    settings = settings_for(["--config", str(config)])
+    port = free_port()
+    running = Running(settings, [f"tls:tcp:{port}:interface=127.0.0.1"])
+
+    def serial(sni: str) -> int:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with context.wrap_socket(raw, server_hostname=sni) as tls:
+            return int(tls.getpeercert()["serialNumber"], 16)
+
+    try:
+        before = {n: await deferToThread(serial, n) for n in ["a.test", "b.test"]}
+        _write_cert(ca, tmp_path, "a.test", "www.a.test")
+        _write_cert(ca, tmp_path, "b.test")
+        running.service.reloadCertificates()
+        after = {n: await deferToThread(serial, n) for n in ["a.test", "b.test"]}
+        assert all(after[n] != before[n] for n in before)
+    finally:
+        await running.stop()

@@ -584,7 +584,8 @@ class AcmeManager:
         d = self._thread(self._locked, self._session.order, name, key)
         d.addCallback(publish)
         d.addBoth(cleanup)
-        d.addCallbacks(issued, failed)
+        d.addCallback(issued)
+        d.addErrback(failed)
         return d
 
     def _publish(self, challenge: _Pending) -> None:

@@ -55,6 +55,9 @@ _HOST = re.compile(
 
 # Where a connection is between requests; each phase has its own deadline.
 _HEAD, _BUSY, _IDLE = range(3)
+# Whether a connection is counted for --max-connections-per-client yet:
+# at its first bytes, at its first request head, or already (or never).
+_AT_FIRST_BYTES, _AT_HEAD, _ADMITTED = range(3)
 
 _RESPONSES = {
     400: b"HTTP/1.1 400 Bad Request\r\n",
@@ -151,6 +154,8 @@ class StreamingChannel(http.HTTPChannel):
     maxHeaders = MAX_HEADER_LINES + 1
     _maxRequestLine = MAX_REQUEST_LINE
     _maxHead = MAX_HEAD
+    _admission = _ADMITTED
+    _client: bytes | None = None
 
     site: StreamingSite
     _discarding = False
@@ -169,6 +174,8 @@ class StreamingChannel(http.HTTPChannel):
         # a line that never ends.
         self.MAX_LENGTH = max(self._maxHead, self._maxRequestLine)
         self.totalHeadersSize = 2 * self.MAX_LENGTH
+        if site.clientConnections is not None:
+            self._admission = _AT_FIRST_BYTES
         site.channels.add(self)
         site.headerDeadlines.add(self)
 
@@ -177,6 +184,10 @@ class StreamingChannel(http.HTTPChannel):
         site.channels.discard(self)
         site.headerDeadlines.remove(self)
         site.idleDeadlines.remove(self)
+        client = self._client
+        if client is not None and site.clientConnections is not None:
+            self._client = None
+            site.clientConnections.release(client)
         http.HTTPChannel.connectionLost(self, reason)
 
     def detach(self) -> None:
@@ -223,6 +234,8 @@ class StreamingChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._discarding:
             return
+        if self._admission == _AT_FIRST_BYTES and data and not self._admitPeer():
+            return
         if self._phase == _IDLE and data:
             self._phase = _HEAD
             site = self.site
@@ -268,6 +281,8 @@ class StreamingChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._phase = _BUSY
         self.site.headerDeadlines.remove(self)
+        if self._admission == _AT_HEAD and not self._admitForwarded():
+            return
         hosts = self.requests[-1].requestHeaders.getRawHeaders(b"Host")
         if (hosts is None and self._version == b"HTTP/1.1") or (
             hosts is not None and (len(hosts) != 1 or not _HOST(hosts[0]))
@@ -292,6 +307,44 @@ class StreamingChannel(http.HTTPChannel):
     def _send100Continue(self) -> None:
         if not self._discarding:
             http.HTTPChannel._send100Continue(self)
+
+    # -- --max-connections-per-client ------------------------------------
+
+    def _admitPeer(self) -> bool:
+        """
+        The first bytes are in: the PROXY header (if any) has been read, so
+        the peer is the real one.  A peer whose C{X-Forwarded-For} is
+        believed is counted at its first request head instead.
+        """
+        host = getattr(self.transport.getPeer(), "host", None)  # type: ignore[union-attr]
+        site = self.site
+        if site.clientAddress.believes(host):
+            self._admission = _AT_HEAD
+            return True
+        assert host is not None
+        return self._admit(host.encode("ascii"))
+
+    def _admitForwarded(self) -> bool:
+        """The first head is in: count under the address sent to FAPI."""
+        request = self.requests[-1]
+        host = getattr(self.transport.getPeer(), "host", None)  # type: ignore[union-attr]
+        client = self.site.clientAddress.resolve(
+            host, request.requestHeaders.getRawHeaders(b"X-Forwarded-For")
+        )
+        return self._admit(client)
+
+    def _admit(self, client: bytes) -> bool:
+        self._admission = _ADMITTED
+        connections = self.site.clientConnections
+        assert connections is not None
+        if not client:
+            return True  # nothing known to count under (a bare UNIX socket)
+        if connections.admit(client):
+            self._client = client
+            return True
+        self._discarding = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        return False
 
     def _refuse(self, status: int) -> None:
         self._discarding = True

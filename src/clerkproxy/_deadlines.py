@@ -12,6 +12,10 @@ __all__ = ["Deadlines"]
 
 T = TypeVar("T")
 
+#: Deadlines this close count as passed: a timer set for the earliest one
+#: may fire a rounding error before it, and must not be set again for ~0 s.
+_SLACK = 1e-6
+
 
 def _callExpired(item: Any) -> None:
     item.expired()
@@ -66,7 +70,7 @@ class Deadlines(Generic[T]):
         self._firing = True
         due = self._due
         try:
-            now = self._clock.seconds()
+            now = self._clock.seconds() + _SLACK
             while due:
                 item = next(iter(due))
                 if due[item] > now:

@@ -13,10 +13,15 @@ Our syntax on top of Twisted's:
  - C{tls:ENDPOINT} puts the serving certificate on any endpoint;
  - C{haproxy:ENDPOINT} with a certificate reads the PROXY header first,
    in clear, and then terminates TLS on the same connection.
+
+Every C{haproxy:} endpoint, and every adopted C{haproxy-} socket, checks a
+version 1 PROXY line before Twisted's parser sees it (L{ProxyLineCheck}):
+Twisted's takes any text as an address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.endpoints import (
@@ -26,18 +31,23 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ._config import ConfigError
+from ._forwarded import valid_port
 from ._sni import ServerTLS
 
 __all__ = [
+    "ProxyLineCheck",
     "admin_endpoint",
     "adopted_endpoint",
     "check_admin_port",
     "check_port",
+    "checked_proxy_endpoint",
     "server_endpoint",
+    "valid_proxy_v1_line",
 ]
 
 
@@ -52,8 +62,7 @@ def server_endpoint(
     if description.startswith("haproxy:") and tls is not None:
         # A load balancer's PROXY header comes first, in clear; TLS (with
         # our certificate) follows it on the same connection.
-        inner = _plain(reactor, description[len("haproxy:") :])
-        return _TLSEndpoint(proxyEndpoint(inner), tls)
+        return _TLSEndpoint(_plain(reactor, description), tls)
     if description.isdigit() and tls is not None:
         endpoint: IStreamServerEndpoint = SSL4ServerEndpoint(
             reactor, int(description), tls
@@ -63,6 +72,9 @@ def server_endpoint(
 
 
 def _plain(reactor: Any, description: str) -> IStreamServerEndpoint:
+    if description.startswith("haproxy:"):
+        inner = _plain(reactor, description[len("haproxy:") :])
+        return checked_proxy_endpoint(inner)
     if description.isdigit():
         description = f"tcp:{description}"
     try:
@@ -121,7 +133,7 @@ def adopted_endpoint(
     """
     endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
     if kind.startswith("haproxy-"):
-        endpoint = proxyEndpoint(endpoint)
+        endpoint = checked_proxy_endpoint(endpoint)
     if kind.endswith("tls"):
         assert tls is not None, "a tls socket needs the serving certificate"
         endpoint = _TLSEndpoint(endpoint, tls)
@@ -138,3 +150,103 @@ class _TLSEndpoint:
 
     def listen(self, factory: Any) -> Any:
         return self._inner.listen(TLSMemoryBIOFactory(self._tls, False, factory))
+
+
+# -- PROXY protocol, version 1 -------------------------------------------------
+
+#: The longest version 1 line, CRLF included, that the specification allows.
+_V1_MAX = 107
+
+
+def valid_proxy_v1_line(line: bytes) -> bool:
+    """
+    Whether C{line} (without its CRLF) is a version 1 PROXY header that
+    names real addresses: C{PROXY TCP4 src dst sport dport} with two IPv4
+    addresses, the same with C{TCP6} and two IPv6 addresses, or
+    C{PROXY UNKNOWN ...} (the balancer does not know; the socket peer
+    stands).  Single spaces, decimal ports without leading zeros.
+    """
+    if line.startswith(b"PROXY UNKNOWN"):
+        return line == b"PROXY UNKNOWN" or line[13:14] == b" "
+    parts = line.split(b" ")
+    if len(parts) != 6 or parts[0] != b"PROXY":
+        return False
+    family = {b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address}.get(
+        parts[1]
+    )
+    if family is None:
+        return False
+    try:
+        for text in parts[2:4]:
+            family(text.decode("ascii"))
+    except ValueError:  # UnicodeDecodeError and AddressValueError included
+        return False
+    return valid_port(parts[4]) and valid_port(parts[5])
+
+
+class ProxyLineCheck(ProtocolWrapper):
+    """
+    Sits between the socket and Twisted's PROXY protocol wrapper.  A
+    connection that starts with a version 1 line has that line checked with
+    L{valid_proxy_v1_line}; a bad one closes the connection before anything
+    reads it.  Afterwards, and for version 2 headers (binary addresses,
+    which are always addresses), bytes pass straight through.
+    """
+
+    _checking = True
+    _held = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._checking:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        held = self._held + data
+        if held[:6] != b"PROXY "[: len(held)]:
+            # Not version 1: Twisted's wrapper decides (version 2, or close).
+            self._checking = False
+            self._held = b""
+            self.wrappedProtocol.dataReceived(held)
+            return
+        end = held.find(b"\r\n")
+        if end < 0:
+            if len(held) >= _V1_MAX:
+                self._refuse()
+            else:
+                self._held = held
+            return
+        if end + 2 > _V1_MAX or not valid_proxy_v1_line(held[:end]):
+            self._refuse()
+            return
+        self._checking = False
+        self._held = b""
+        self.wrappedProtocol.dataReceived(held)
+
+    def _refuse(self) -> None:
+        self._checking = False
+        self._held = b""
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        transport: Any = self.transport
+        transport.abortConnection()
+
+
+class _ProxyLineCheckFactory(WrappingFactory):
+    protocol = ProxyLineCheck
+
+
+@implementer(IStreamServerEndpoint)
+class _ProxyLineCheckEndpoint:
+    def __init__(self, inner: IStreamServerEndpoint) -> None:
+        self._inner = inner
+
+    def listen(self, factory: Any) -> Any:
+        wrapped = _ProxyLineCheckFactory(factory)  # type: ignore[no-untyped-call]
+        return self._inner.listen(wrapped)
+
+
+def checked_proxy_endpoint(inner: IStreamServerEndpoint) -> IStreamServerEndpoint:
+    """
+    C{inner} speaking the PROXY protocol (Twisted's C{proxyEndpoint}), with
+    version 1 lines checked before Twisted's parser reads them.
+    """
+    endpoint: IStreamServerEndpoint = proxyEndpoint(_ProxyLineCheckEndpoint(inner))
+    return endpoint

@@ -475,6 +475,7 @@ class H2Connection(Protocol):
     """
 
     secure = False
+    _client: bytes | None = None
 
     def __init__(self, site: StreamingSite, settings: HTTP2Settings) -> None:
         self._site = site
@@ -524,6 +525,20 @@ class H2Connection(Protocol):
         transport: Any = self.transport
         self.secure = ISSLTransport.providedBy(transport)
         site = self._site
+        connections = site.clientConnections
+        if connections is not None:
+            # --max-connections-per-client, counted under the peer (the PROXY
+            # header, if any, has been read).  A peer whose X-Forwarded-For
+            # is believed is a load balancer: each stream may be another
+            # client, so the connection is not counted.
+            host = getattr(transport.getPeer(), "host", None)
+            if host and not site.clientAddress.believes(host):
+                client = host.encode("ascii")
+                if not connections.admit(client):
+                    self._closed = True
+                    transport.abortConnection()
+                    return
+                self._client = client
         site.channels.add(self)  # type: ignore[arg-type]
         site.headerDeadlines.add(self)  # type: ignore[arg-type]
         conn = self._conn
@@ -535,6 +550,9 @@ class H2Connection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         site = self._site
+        client, self._client = self._client, None
+        if client is not None and site.clientConnections is not None:
+            site.clientConnections.release(client)
         site.channels.discard(self)
         site.headerDeadlines.remove(self)  # type: ignore[arg-type]
         site.idleDeadlines.remove(self)  # type: ignore[arg-type]

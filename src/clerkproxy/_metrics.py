@@ -71,6 +71,7 @@ class Metrics:
         self.inFlight = 0
         self.upstreamErrors: dict[str, int] = {}
         self.timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_PHASES, 0)
+        self.connectionsRejected: dict[str, int] = {}
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
         self.http2Events: dict[str, int] = {}
@@ -108,6 +109,10 @@ class Metrics:
     def timedOut(self, phase: str) -> None:
         """A deadline passed; C{phase} is one of L{TIMEOUT_PHASES}."""
         self.timeouts[phase] += 1
+
+    def connectionRejected(self, reason: str) -> None:
+        rejected = self.connectionsRejected
+        rejected[reason] = rejected.get(reason, 0) + 1
 
 
 class MetricsCollector(Collector):
@@ -221,6 +226,15 @@ class MetricsCollector(Collector):
         for phase, n in m.timeouts.items():
             timeouts.add_metric([phase], n)
         yield timeouts
+        rejected = CounterMetricFamily(
+            "clerkproxy_connections_rejected",
+            "Client connections closed unserved, by reason (per_client: over "
+            "--max-connections-per-client).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(m.connectionsRejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
 
 
 def _histogram(name: str, documentation: str, h: Histogram) -> Metric:

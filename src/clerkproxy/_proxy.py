@@ -17,7 +17,7 @@ from zope.interface import implementer
 from ._config import ProxyConfig, Timeouts
 from ._errors import respond_error
 from ._exchange import Exchange, Route
-from ._forwarded import ClientAddress
+from ._forwarded import ClientAddress, valid_host_and_port
 from ._headers import APP_DROP, FAPI_DROP, injected_block
 from ._interfaces import IStreamingRequest
 from ._location import LocationRewrite
@@ -251,7 +251,9 @@ class AppProxy(_Proxying):
         proto = b"https" if request.isSecure() else b"http"
         host = request.requestHeaders.getRawHeaders(b"Host")
         lines = b"X-Forwarded-Proto: " + proto + b"\r\n"
-        if host:
+        # Only one Host, and only a plain host name or address with an
+        # optional port: anything else is not passed on at all.
+        if host and len(host) == 1 and valid_host_and_port(host[0]):
             lines += b"X-Forwarded-Host: " + host[0] + b"\r\n"
         return lines
 
@@ -271,15 +273,29 @@ class EdgeRouter(Resource):
         self.app = app
         self.metrics = fapi.metrics
 
-    def _route(self, request: Request) -> _Proxying:
-        if self.app is None or self.fapi.target(request.uri) is not None:
+    def _route(self, request: Request) -> _Proxying | None:
+        uri = request.uri
+        if self.app is None or self.fapi.target(uri) is not None:
             return self.fapi
+        if uri[:2] == b"//" and self.fapi.target(b"/" + uri.lstrip(b"/")) is not None:
+            # //__clerk/...: not ours as written, but an application (or a
+            # framework in front of it) that merges slashes would read it
+            # as the proxy's path.  It goes nowhere.
+            return None
         return self.app
 
     def render(self, request: Request) -> object:
-        return self._route(request).render(request)
+        route = self._route(request)
+        if route is None:
+            respond_error(request, 404, "not_found")
+            return NOT_DONE_YET
+        return route.render(request)
 
     def renderStreaming(  # type: ignore[override]
         self, request: Request, length: int | None
     ) -> IRequestBodyReceiver | None:
-        return self._route(request).renderStreaming(request, length)
+        route = self._route(request)
+        if route is None:
+            respond_error(request, 404, "not_found")
+            return None
+        return route.renderStreaming(request, length)

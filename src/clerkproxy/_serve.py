@@ -83,6 +83,9 @@ def build_service(
         metrics=metrics,
         access_log=accessLog,
         client_address=fapi.clientAddress,
+        max_request_line=settings.maxRequestLine,
+        max_header_size=settings.maxHeaderSize,
+        max_connections_per_client=settings.maxConnectionsPerClient,
         http2=settings.http2,
     )
     if isinstance(tls, SNIServerTLS):

@@ -47,6 +47,10 @@ class ServeSettings:
     @ivar listenSpecs: With more than one worker, the sockets the parent
         binds for them, one per port.
     @ivar argv: The command line as given, for workers to parse again.
+    @ivar maxRequestLine: C{--max-request-line}, in bytes.
+    @ivar maxHeaderSize: C{--max-header-size}, in bytes.
+    @ivar maxConnectionsPerClient: C{--max-connections-per-client}; 0 is
+        no limit.
     @ivar http2: HTTP/2 to clients (C{--http2}, C{--h2c} and its limits).
     @ivar sites: With C{--config}, every site (C{config} is the first's).
     @ivar acme: What C{--acme-*} (or the config file's C{[acme]}) asks for.
@@ -66,6 +70,9 @@ class ServeSettings:
     workers: int
     listenSpecs: tuple[ListenSpec, ...]
     argv: tuple[str, ...]
+    maxRequestLine: int = 16 * 1024
+    maxHeaderSize: int = 64 * 1024
+    maxConnectionsPerClient: int = 0
     http2: HTTP2Settings = attrs.field(factory=HTTP2Settings)
     sites: tuple[Site, ...] = ()
     acme: AcmeSettings | None = None
@@ -127,6 +134,18 @@ def read_settings(
     headerTimeout = _number(options, "header-timeout", float)
     idleTimeout = _number(options, "idle-timeout", float)
     drainTimeout = _number(options, "drain-timeout", float)
+    maxRequestLine = _number(options, "max-request-line", int)
+    maxHeaderSize = _number(options, "max-header-size", int)
+    if maxRequestLine < 256:
+        raise ConfigError(
+            f"--max-request-line must be at least 256 bytes, got {maxRequestLine}"
+        )
+    if maxHeaderSize < maxRequestLine:
+        raise ConfigError(
+            f"--max-header-size ({maxHeaderSize}) must be at least "
+            f"--max-request-line ({maxRequestLine}): the head includes the line"
+        )
+    maxConnectionsPerClient = _number(options, "max-connections-per-client", int)
     accessLog = options["access-log"] or None
     if accessLog and accessLog != "-":
         try:
@@ -189,6 +208,9 @@ def read_settings(
         workers=workers,
         listenSpecs=listenSpecs,
         argv=tuple(argv),
+        maxRequestLine=maxRequestLine,
+        maxHeaderSize=maxHeaderSize,
+        maxConnectionsPerClient=maxConnectionsPerClient,
         sites=sites,
         acme=multi.acme,
         redirectHTTP=multi.redirect(ports, tls, config.trusted_proxies),

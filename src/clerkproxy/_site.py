@@ -22,7 +22,40 @@ from ._request import StreamingRequest
 if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
 
-__all__ = ["StreamingSite", "build_site"]
+__all__ = ["ClientConnections", "StreamingSite", "build_site"]
+
+
+class ClientConnections:
+    """
+    How many connections each client address has open, for
+    C{--max-connections-per-client}.  The channel decides which address a
+    connection counts under, and when (see L{StreamingChannel}).
+    """
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self._metrics = metrics
+        self._open: dict[bytes, int] = {}
+
+    def admit(self, client: bytes) -> bool:
+        """Count one more connection for C{client}, unless it has its fill."""
+        count = self._open.get(client, 0)
+        if count >= self.limit:
+            self._metrics.connectionRejected("per_client")
+            return False
+        self._open[client] = count + 1
+        return True
+
+    def release(self, client: bytes) -> None:
+        """One connection counted under C{client} has closed."""
+        count = self._open[client] - 1
+        if count:
+            self._open[client] = count
+        else:
+            del self._open[client]
+
+    def count(self, client: bytes) -> int:
+        return self._open.get(client, 0)
 
 
 @implementer(IStreamingSite)
@@ -59,6 +92,8 @@ class StreamingSite(Site):
 
     maxRequestLine = MAX_REQUEST_LINE
     maxHeaderSize = MAX_HEAD
+    #: Open connections per client, when they are limited.
+    clientConnections: ClientConnections | None = None
 
     def __init__(
         self,
@@ -101,6 +136,7 @@ class StreamingSite(Site):
         clientAddress: ClientAddress | None = None,
         maxRequestLine: int = MAX_REQUEST_LINE,
         maxHeaderSize: int = MAX_HEAD,
+        maxConnectionsPerClient: int = 0,
         http2: HTTP2Settings | None = None,
     ) -> None:
         self.maxRequestLine = maxRequestLine
@@ -111,7 +147,12 @@ class StreamingSite(Site):
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog
         self._clock = self.clock = clock
-        self._clientAddress = clientAddress or ClientAddress(())
+        self.clientAddress = self._clientAddress = clientAddress or ClientAddress(())
+        self.clientConnections = (
+            ClientConnections(maxConnectionsPerClient, self.metrics)
+            if maxConnectionsPerClient
+            else None
+        )
         if http2 is not None:
             self.http2 = http2
         self.h2SendDeadlines: Deadlines[Any] = Deadlines(clock, self.http2.sendTimeout)
@@ -189,6 +230,7 @@ def build_site(
     client_address: ClientAddress | None = None,
     max_request_line: int = MAX_REQUEST_LINE,
     max_header_size: int = MAX_HEAD,
+    max_connections_per_client: int = 0,
     http2: HTTP2Settings | None = None,
 ) -> StreamingSite:
     """
@@ -206,6 +248,9 @@ def build_site(
     @param max_request_line: Longest request line in bytes; 414 above it.
     @param max_header_size: Largest request head (request line and header
         lines) in bytes; 431 above it.
+    @param max_connections_per_client: How many connections one client
+        address may have open (0: no limit).  The address is the one
+        C{client_address} finds, as for C{X-Forwarded-For}.
     """
     site = StreamingSite(resource, reactor=reactor)
     if metrics is None:
@@ -219,6 +264,7 @@ def build_site(
         client_address,
         max_request_line,
         max_header_size,
+        max_connections_per_client,
         http2,
     )
     return site

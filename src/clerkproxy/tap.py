@@ -93,6 +93,24 @@ class Options(usage.Options):
         ["header-timeout", None, 10.0, "Seconds a request head may take to arrive."],
         ["idle-timeout", None, 60.0, "Seconds an idle keep-alive connection is kept."],
         [
+            "max-request-line",
+            None,
+            16 * 1024,
+            "Longest request line, in bytes (414 above it).",
+        ],
+        [
+            "max-header-size",
+            None,
+            64 * 1024,
+            "Largest request head, in bytes (431 above it).",
+        ],
+        [
+            "max-connections-per-client",
+            None,
+            0,
+            "Open connections allowed per client address; 0 is no limit.",
+        ],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -179,13 +197,11 @@ class Options(usage.Options):
         self["trusted-proxy"].append(cidr)
 
     def opt_acme_domain(self, name: str) -> None:
-        """Obtain and renew a certificate for this name over ACME.
-        Repeatable."""
+        """Get and renew this name's certificate over ACME.  Repeatable."""
         self["acme-domain"].append(name)
 
     def opt_redirect_http(self) -> None:
-        """Answer plain-HTTP requests with a 308 to https (the default when
-        there is a TLS port, a plain port and no --trusted-proxy)."""
+        """308 plain-HTTP requests to https (default with TLS+plain ports)."""
         self["redirect-http"] = True
 
     def opt_no_redirect_http(self) -> None:
@@ -220,7 +236,18 @@ def makeService(options: Options) -> IService:
             service = build_service(settings, reactor, endpoints)
     except ConfigError as e:
         raise SystemExit(f"clerkproxy: {e}") from None
-    if settings.workers > 1:
+    if settings.sites:
+        _log.info(
+            "clerkproxy: {count} sites ({names}) -> {fapi} on {ports}{redirect}",
+            count=len(settings.sites),
+            names=", ".join(site.name for site in settings.sites),
+            fapi=config.fapi_url,
+            ports=", ".join(settings.ports),
+            redirect="; plain HTTP redirected to https"
+            if settings.redirectHTTP
+            else "",
+        )
+    elif settings.workers > 1:
         _log.info(
             "clerkproxy: {workers} workers, {prefix}/* -> {fapi} on {ports}",
             workers=settings.workers,
