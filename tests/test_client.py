@@ -38,6 +38,12 @@ class Owner:
         return int("lost" not in self.calls)
 
 
+def aborted(transport: StringTransport) -> bool:
+    """Whether abortConnection (not loseConnection) was called: in
+    StringTransport, only abortConnection sets C{disconnected}."""
+    return transport.disconnected is True
+
+
 def connection() -> tuple[UpstreamConnection, StringTransport, Owner]:
     owner = Owner()
     conn = UpstreamConnection(
@@ -159,6 +165,8 @@ def test_responses_that_end_the_connection(response: bytes) -> None:
     recorder, conn, transport, owner = exchange(response)
     assert owner.idleConnections == 0
     assert transport.disconnecting
+    # FAPI said it closes: a polite close; out of step: an abort.
+    assert aborted(transport) is response.endswith(b"EXTRA")
 
 
 def test_http_1_0_keep_alive_is_honoured() -> None:
@@ -246,7 +254,7 @@ def test_an_answer_before_the_body_ended_closes_the_connection() -> None:
     conn.writeBody(b"partial")
     conn.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
     assert recorder.events[-1] == ("done",)
-    assert transport.disconnecting and owner.idleConnections == 0
+    assert aborted(transport) and owner.idleConnections == 0
 
 
 def test_pause_and_resume_reach_the_socket() -> None:
@@ -303,6 +311,7 @@ def test_bytes_after_any_complete_response_end_the_connection(
     assert recorder.events[-1] == ("done",)
     assert "idle" not in owner.calls and transport.disconnecting
     assert conn.state == "CLOSING"
+    assert aborted(transport)  # out of step: no polite close to wait for
 
 
 def test_a_body_makes_the_connection_relay_and_a_bodiless_answer_does_not() -> None:

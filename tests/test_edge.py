@@ -16,18 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from test_channel import Recording
-from test_operations import AppEcho
+from test_operations import AppEcho, edge_with_app
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.server import Site
 
 from clerkproxy import build_site
-from clerkproxy._config import Timeouts
 from clerkproxy._endpoints import server_endpoint, valid_proxy_v1_line
 from clerkproxy._forwarded import ClientAddress, valid_host_and_port
 from clerkproxy._metrics import MetricsCollector
-from clerkproxy._proxy import AppProxy, EdgeRouter
-from clerkproxy._upstream import UpstreamPool, app_endpoint
 from clerkproxy.tap import Options
 
 # -- options -------------------------------------------------------------------
@@ -395,25 +392,7 @@ def edge(make_proxy: Any, fapi: Any) -> Any:
     appSite = Site(echo)
     appSite.log = lambda request: None  # type: ignore[method-assign]
     appPort = reactor.listenTCP(0, appSite, interface="127.0.0.1")
-
-    def with_app(resource: Any, clock: Any) -> Any:
-        pool = UpstreamPool(
-            clock,
-            app_endpoint(clock, "127.0.0.1", appPort.getHost().port, False, 5.0),
-        )
-        app = AppProxy(
-            clock,
-            pool,
-            b"app.internal",
-            b"",
-            resource.clientAddress,
-            1 << 20,
-            Timeouts(5.0),
-            resource.metrics,
-        )
-        return build_site(EdgeRouter(resource, app), clock)
-
-    proxy = make_proxy(site_factory=with_app)
+    proxy = make_proxy(site_factory=edge_with_app(appPort))
     yield proxy, echo
     pytest_twisted.blockon(appPort.stopListening())
 

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +371,30 @@ class AppEcho(Resource):
         return b"app says hi"
 
 
+def edge_with_app(appPort: Any) -> Callable[[Any, Any], Any]:
+    """A site factory for make_proxy: FAPI under the prefix, and the app
+    listening on C{appPort} (as C{app.internal}) for everything else."""
+
+    def with_app(resource: Any, clock: Any) -> Any:
+        pool = UpstreamPool(
+            clock,
+            app_endpoint(clock, "127.0.0.1", appPort.getHost().port, False, 5.0),
+        )
+        app = AppProxy(
+            clock,
+            pool,
+            b"app.internal",
+            b"",
+            resource.clientAddress,
+            1 << 20,
+            Timeouts(5.0),
+            resource.metrics,
+        )
+        return build_site(EdgeRouter(resource, app), clock)
+
+    return with_app
+
+
 @pytest_twisted.ensureDeferred
 async def test_everything_outside_the_prefix_goes_to_the_app(
     make_proxy: Any, fapi: Any
@@ -379,25 +404,7 @@ async def test_everything_outside_the_prefix_goes_to_the_app(
     appSite.log = lambda request: None
     appPort = reactor.listenTCP(0, appSite, interface="127.0.0.1")
     try:
-
-        def with_app(resource: Any, clock: Any) -> Any:
-            pool = UpstreamPool(
-                clock,
-                app_endpoint(clock, "127.0.0.1", appPort.getHost().port, False, 5.0),
-            )
-            app = AppProxy(
-                clock,
-                pool,
-                b"app.internal",
-                b"",
-                resource.clientAddress,
-                1 << 20,
-                Timeouts(5.0),
-                resource.metrics,
-            )
-            return build_site(EdgeRouter(resource, app), clock)
-
-        proxy = make_proxy(site_factory=with_app)
+        proxy = make_proxy(site_factory=edge_with_app(appPort))
         data = await raw_request(
             proxy.port,
             (

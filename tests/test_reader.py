@@ -18,7 +18,8 @@ def read(
 ) -> list[tuple[Any, ...]]:
     """
     Feed C{response} in pieces cut at C{splits} and return the events as
-    comparable tuples, with the body's data events joined into one.
+    comparable tuples, with the body's data events joined into one, and
+    whether any bytes came after the end.
     """
     reader = ResponseReader()
     reader.start(isHead)
@@ -28,7 +29,7 @@ def read(
     ]
     events: list[tuple[Any, ...]] = []
     body = b""
-    for piece in pieces:
+    for n, piece in enumerate(pieces):
         reader.feed(piece)
         while True:
             try:
@@ -57,7 +58,10 @@ def read(
                 )
             else:
                 events.append(("body", body))
-                events.append(("end", reader.leftover))
+                # Extra bytes in the same read are the reader's to report;
+                # in a later one, the connection's (it is idle by then).
+                later = any(pieces[n + 1 :])
+                events.append(("end", reader.leftover or later))
                 return events
     if reader.eof():
         events.append(("body", body))

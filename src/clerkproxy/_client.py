@@ -24,7 +24,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._reader import Event, ResponseHead, ResponseReader, UpstreamProtocolError
+from ._reader import DATA, HEAD, NEED_DATA, ResponseReader, UpstreamProtocolError
 
 __all__ = ["IExchange", "UpstreamConnection", "UpstreamProtocolError"]
 
@@ -125,9 +125,10 @@ class UpstreamConnection(TwistedProtocol):
        no byte beyond the response arrived); C{onIdle}, then
        C{responseDone}.
      - any reading state -> C{CLOSING}: the response ended but the
-       connection cannot be reused (FAPI closes it, it sent bytes beyond
-       the response, or it answered before the request body ended); the
-       transport is closed politely, then C{responseDone}.
+       connection cannot be reused; then C{responseDone}.  If FAPI said
+       it closes (C{Connection: close}, HTTP/1.0), the transport is closed
+       politely; if it is out of step (it sent bytes beyond the response,
+       or answered before the request body ended), it is aborted.
      - any reading state -> C{CLOSING}: a protocol error; the transport is
        aborted, then C{upstreamFailed}.
      - any state -> C{CLOSING}: L{abort} (the exchange gave up; it is not
@@ -311,51 +312,54 @@ class UpstreamConnection(TwistedProtocol):
             except UpstreamProtocolError as e:
                 self._fail(e)
                 return
-            if event is Event.DATA:
+            if event is DATA:
                 exchange: Any = self._exchange
                 exchange.responseData(reader.data)
-            elif event is Event.NEED_DATA:
+            elif event is NEED_DATA:
                 if relayStarted:
                     # The body outlasts the read that brought the head.
                     self._onRelaying(self)
                 return
-            elif event is Event.HEAD:
+            elif event is HEAD:
                 head: Any = reader.head
-                relayStarted = self._headReceived(head)
+                if not head.bodyless:
+                    relayStarted = True
+                    self._state = (
+                        RELAYING_WHILE_SENDING if self._state is SENDING else RELAYING
+                    )
+                exchange = self._exchange
+                exchange.responseStarted(
+                    head.code, head.phrase, head.headers, head.length, head.connection
+                )
             else:
                 self._responseEnded()
                 return
             if self._state is CLOSING:
                 return  # the exchange aborted the connection
 
-    def _headReceived(self, head: ResponseHead) -> bool:
-        """Tell the exchange; whether a body follows."""
-        if not head.bodyless:
-            self._state = RELAYING_WHILE_SENDING if self._state is SENDING else RELAYING
-        exchange: Any = self._exchange
-        exchange.responseStarted(
-            head.code, head.phrase, head.headers, head.length, head.connection
-        )
-        return not head.bodyless
-
     def _responseEnded(self) -> None:
         exchange, self._exchange = self._exchange, None
         head: Any = self._reader.head
         transport: Any = self.transport
-        state = self._state
-        if state in _UPLOADING:
-            # FAPI answered before the body was all sent: FAPI and we now
-            # disagree on where the next request would start.
+        uploading = self._state in _UPLOADING
+        if uploading:
             self._stopProducer(transport)
         transport.resumeProducing()  # in case a slow client paused us last
-        if head.keepAlive and not self._reader.leftover and state not in _UPLOADING:
+        if uploading or self._reader.leftover:
+            # FAPI answered before the body was all sent, or sent more than
+            # its answer: FAPI and we disagree on where the next request
+            # would start.  Out of step, it may not answer a polite TLS
+            # close either, and this connection must not linger.
+            self._state = CLOSING
+            transport.abortConnection()
+        elif head.keepAlive:
             # Back to the owner first, so that a request the answer unblocks
             # (a pipelined one, a queued one) can take this very connection.
             self._state = IDLE
             self._onIdle(self)
         else:
             self._state = CLOSING
-            transport.loseConnection()
+            transport.loseConnection()  # FAPI said it closes: it will
         if exchange is not None:
             exchange.responseDone()
 
