@@ -62,11 +62,13 @@ def build_service(
     metrics.upstreamPools = lambda: pool_counts(pools)
     tls = settings.tls
     acme = None
+    if tls is not None:
+        served = tls
+        metrics.certificateExpiry = lambda: {
+            name: notAfter.timestamp() for name, notAfter in served.expiries().items()
+        }
     if isinstance(tls, SNIServerTLS):
         sni = tls
-        metrics.certificateExpiry = lambda: {
-            name: notAfter.timestamp() for name, notAfter in sni.expiries().items()
-        }
         if settings.acme is not None:
             assert http01 is not None
 
