@@ -385,9 +385,12 @@ class Exchange:
         self._done()
         self._stopUpstream()
         request = self._request
-        request.unregisterProducer()
         channel = getattr(request, "channel", None)
-        if channel is not None and channel.transport is not None:
+        if channel is None:  # pragma: no cover - clientLost comes first
+            request.producer = None
+            return
+        request.unregisterProducer()
+        if channel.transport is not None:
             channel.transport.abortConnection()
 
     def _connectFailed(self, reason: Failure) -> None:
