@@ -272,7 +272,7 @@ def test_site_channel_and_request_provide_the_private_hooks() -> None:
             return b"ok"
 
     protocol, transport = connect(Hooked())
-    channel = protocol._channel
+    channel = protocol  # HTTP/2 off: the site builds the channel itself
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert transport.value().endswith(b"ok")
     assert verifyObject(IStreamingSite, channel.site)

@@ -92,7 +92,7 @@ async def test_slow_reader_pauses_fapi_and_memory_stays_bounded(
     assert 0 < produced < 48 * 1024 * 1024, produced
     assert stream["paused"]
     # ... and the proxy itself holds a bounded amount for this client.
-    assert buffered(server._channel.transport) < 512 * 1024
+    assert buffered(server.transport) < 512 * 1024
     [upstream] = watching.connections
     assert proxy.resource.upstream.relayingConnections == 1  # outside the cap
     assert buffered(upstream.transport.transport) < 512 * 1024

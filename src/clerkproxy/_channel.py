@@ -207,6 +207,18 @@ class StreamingChannel(HTTPChannel):
             site.clientConnections.release(client)
         HTTPChannel.connectionLost(self, reason)
 
+    def detach(self) -> None:
+        """
+        Step aside before reading anything: the connection turned out to
+        speak HTTP/2 (see L{clerkproxy._h2.ProtocolSelector}).
+        """
+        site = self.site
+        site.channels.discard(self)
+        site.headerDeadlines.remove(self)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        transport: Any = self.transport
+        transport.unregisterProducer()
+
     def expired(self) -> None:
         """A deadline passed: the head never completed, or nothing came."""
         if self._phase == _HEAD:

@@ -88,7 +88,11 @@ def build_service(
         max_request_line=settings.maxRequestLine,
         max_header_size=settings.maxHeaderSize,
         max_connections_per_client=settings.maxConnectionsPerClient,
+        http2=settings.http2,
     )
+    if isinstance(tls, SNIServerTLS):
+        # It answers ALPN itself (for acme-tls/1): offer h2 there too.
+        tls.protocols = tuple(site.acceptableProtocols())
     admin = None
     if settings.adminPort:
         admin = (

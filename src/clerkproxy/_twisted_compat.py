@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse
-from twisted.web.http import _ChunkedTransferDecoder, _GenericHTTPChannelProtocol
+from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ __all__ = [
     "CHANNEL_OVERRIDES",
     "DECODER_OVERRIDES",
     "ChunkedTransferDecoder",
-    "GenericHTTPChannelProtocol",
     "IOpenSSLTrustRoot",
     "clear_tls_options",
     "encode_header_name",
@@ -78,11 +77,6 @@ def replace_chunked_decoder(
     current = channel._transferDecoder
     if type(current) is _ChunkedTransferDecoder:
         channel._transferDecoder = make(current.dataCallback, current.finishCallback)
-
-
-#: The protocol wrapper C{HTTPFactory.protocol} returns, which picks
-#: HTTP/1.1 or HTTP/2 by ALPN around an C{HTTPChannel}.
-GenericHTTPChannelProtocol = _GenericHTTPChannelProtocol
 
 
 def parse_endpoint_description(description: str) -> tuple[list[str], dict[str, str]]:
