@@ -246,3 +246,15 @@ def test_write_buffered() -> None:
     assert compat.write_buffered(socket) == 130
     assert compat.write_buffered(StringTransport()) is None
     assert compat.write_buffered(None) is None
+
+
+def test_write_blocked() -> None:
+    """HTTPChannel._waitingForTransport: set while its transport has paused
+    it, whatever producer registers meanwhile."""
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    assert compat.write_blocked(channel) is False
+    channel.pauseProducing()
+    assert compat.write_blocked(channel) is True
+    channel.resumeProducing()
+    assert compat.write_blocked(channel) is False

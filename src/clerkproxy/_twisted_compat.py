@@ -37,6 +37,7 @@ __all__ = [
     "replace_chunked_decoder",
     "request_line",
     "request_version",
+    "write_blocked",
     "write_buffered",
 ]
 
@@ -152,3 +153,13 @@ def write_buffered(transport: object) -> int | None:
         if transport is None:
             return None
     return None
+
+
+def write_blocked(channel: Any) -> bool:
+    """
+    Whether C{channel} (an C{HTTPChannel}) has been paused by its transport
+    and not resumed (C{_waitingForTransport}).  C{registerProducer} does not
+    pass that state on to a producer registered meanwhile, as a pipelined
+    request's is after the answer before it filled the socket.
+    """
+    return bool(getattr(channel, "_waitingForTransport", False))
