@@ -198,11 +198,19 @@ def _get(tls: ssl.SSLSocket) -> bytes:
     return data
 
 
+@pytest.fixture
+def short_lived(tmp_path: Path) -> Iterator[Pebble]:
+    """Pebble issuing certificates that live 12 seconds."""
+    server = Pebble(tmp_path / "pebble", validity=12)
+    yield server
+    server.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_renewal_swaps_without_dropping_and_failure_keeps_the_old(
-    tmp_path: Path, events: list[str]
+    short_lived: Pebble, tmp_path: Path, events: list[str]
 ) -> None:
-    pebble = Pebble(tmp_path / "pebble", validity=12)
+    pebble = short_lived
     edge = Edge(pebble)
     failures: list[int] = []
     try:
@@ -250,12 +258,11 @@ async def test_renewal_swaps_without_dropping_and_failure_keeps_the_old(
         kept.close()
     finally:
         await edge.close()
-        pebble.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_two_sites_get_certificates_and_proxy(
-    tmp_path: Path, events: list[str], fapi: Any, ca: Any
+    pebble: Pebble, tmp_path: Path, events: list[str], fapi: Any, ca: Any
 ) -> None:
     """The whole edge: a config file, Pebble, /readyz, both sites proxying."""
     from pebble import free_port
@@ -264,7 +271,6 @@ async def test_two_sites_get_certificates_and_proxy(
     from clerkproxy._endpoints import server_endpoint
     from clerkproxy._serve import build_service
 
-    pebble = Pebble(tmp_path / "pebble")
     admin = free_port()
     (tmp_path / "a.key").write_text(KEY_A)
     ca.cert_pem.write_to_path(str(tmp_path / "fapi-ca.pem"))
@@ -363,4 +369,27 @@ acme = true
         )
     finally:
         await service.stopService()
-        pebble.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewal_over_tls_alpn_while_serving(
+    short_lived: Pebble, tmp_path: Path, events: list[str]
+) -> None:
+    """tls-alpn-01 for a name that already has a certificate: the validator
+    gets the challenge, ordinary clients the real certificate."""
+    pebble = short_lived
+    edge = Edge(pebble)
+    try:
+        name = "alpn-renew.example.test"
+        manager = edge.manager(
+            pebble, tmp_path / "acme", name, challenges=(TLS_ALPN_01,)
+        )
+        manager.start()
+        await until(lambda: manager.issued == 2 or manager.failures, "a renewal", 30)
+        assert manager.issued == 2 and manager.failures == 0, (events, pebble.log())
+        peer = await deferToThread(
+            fetch_certificate, pebble.tlsPort, name, pebble.root()
+        )
+        assert ("DNS", name) in peer["subjectAltName"]
+    finally:
+        await edge.close()

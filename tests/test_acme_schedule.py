@@ -47,6 +47,7 @@ class FakeSession:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
         self.network = Network()
         self.fail: Exception | None = None
         self.suggested: datetime.datetime | None = None

@@ -272,10 +272,35 @@ def test_site_channel_and_request_provide_the_private_hooks() -> None:
             return b"ok"
 
     protocol, transport = connect(Hooked())
-    channel = protocol._channel
+    channel = protocol  # HTTP/2 off: the site builds the channel itself
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert transport.value().endswith(b"ok")
     assert verifyObject(IStreamingSite, channel.site)
     assert verifyObject(IStreamingChannel, channel)
     assert verifyObject(IStreamingRequest, seen[0])
     assert channel.site.metrics.inFlight == 0  # requestStarted, then log
+
+
+def test_addresses_are_asked_of_the_transport_once_per_connection() -> None:
+    resource = Recording()
+    site = build_site(resource, MemoryReactorClock())
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    asked: list[str] = []
+    getHost, getPeer = transport.getHost, transport.getPeer
+
+    def countingHost() -> Any:
+        asked.append("host")
+        return getHost()
+
+    def countingPeer() -> Any:
+        asked.append("peer")
+        return getPeer()
+
+    transport.getHost = countingHost  # type: ignore[method-assign]
+    transport.getPeer = countingPeer  # type: ignore[method-assign]
+    protocol.makeConnection(transport)
+    for _ in range(3):
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r[1] for r in resource.rendered] == [b"/x"] * 3
+    assert sorted(asked) == ["host", "peer"]

@@ -142,6 +142,9 @@ def test_unreadable_secret_key_file(tmp_path: Path) -> None:
         (["--upstream-read-timeout", "soon"], "--upstream-read-timeout"),
         (["--send-timeout", "-5"], "--send-timeout"),
         (["--trusted-proxy", "10.0.0.0/40"], "--trusted-proxy"),
+        (["--http2", "maybe"], "--http2"),
+        (["--h2-max-concurrent-streams", "0"], "--h2-max-concurrent-streams"),
+        (["--h2-max-concurrent-streams", "many"], "--h2-max-concurrent-streams"),
     ],
 )
 def test_bad_files_and_values_name_the_option(

@@ -16,6 +16,7 @@ PUBLIC = [
     "ClientAddress",
     "ConfigError",
     "FrontendAPIProxy",
+    "HTTP2Settings",
     "Metrics",
     "ProxyConfig",
     "SecretKey",

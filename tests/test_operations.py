@@ -325,7 +325,9 @@ async def test_access_log_lines_are_json_and_redacted(
         "total_ms",
         "upstream_ms",
         "upstream_reused",
+        "protocol",
     }
+    assert first["protocol"] == "HTTP/1.1"
     assert (
         first["client"] == "127.0.0.1"
         and first["method"] == "GET"

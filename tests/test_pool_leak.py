@@ -8,11 +8,16 @@ injected clock.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
+import standin
+from conftest import connect_raw, reactor, trust_root, within
 from test_pool import FakeEndpoint
+from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
@@ -21,7 +26,8 @@ from zope.interface import provider
 
 from clerkproxy import FrontendAPIProxy, ProxyConfig, build_site
 from clerkproxy._metrics import MetricsCollector
-from clerkproxy._upstream import UpstreamPool
+from clerkproxy._twisted_compat import request_line
+from clerkproxy._upstream import UpstreamPool, fapi_endpoint
 
 GET = b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n"
 STALLED_POST = (
@@ -182,3 +188,109 @@ def gauges(proxy: Proxy) -> dict[tuple[str, str | None], float]:
             for sample in family.samples:
                 out[(sample.name, sample.labels.get("state"))] = sample.value
     return out
+
+
+# -- the same on loopback: real sockets, TLS, the stand-in FAPI ---------------------
+
+
+class GatedEndpoint:
+    """An endpoint whose new connections wait while the gate is shut."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+        self._held: list[tuple[Any, Deferred[Any]]] = []
+        self.shut = False
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        if not self.shut:
+            d: Deferred[Any] = self._endpoint.connect(factory)
+            return d
+        held: Deferred[Any] = Deferred()
+        self._held.append((factory, held))
+        return held
+
+    def open(self) -> None:
+        self.shut = False
+        held, self._held = self._held, []
+        for factory, d in held:
+            self._endpoint.connect(factory).chainDeferred(d)
+
+
+async def until(
+    condition: Callable[[], bool], what: str, seconds: float = 10.0
+) -> None:
+    """Poll the real reactor, boundedly."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_clients_leaving_on_loopback(
+    make_proxy: Any,
+    fapi: Any,
+    ca: Any,
+    logged_errors: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    size = 8
+    heads: list[bytes] = []  # every request head FAPI receives
+    gotLength = standin.RecordingRequest.gotLength
+
+    def recordHead(self: Any, length: int | None) -> None:
+        heads.append(request_line(self.channel)[0])
+        gotLength(self, length)
+
+    monkeypatch.setattr(standin.RecordingRequest, "gotLength", recordHead)
+    gate = GatedEndpoint(
+        fapi_endpoint(reactor, "localhost", fapi.port.getHost().port, trust_root(ca), 5)
+    )
+    proxy = make_proxy(endpoint=gate, pool_size=size, pool_idle_timeout=0.5)
+    pool = proxy.resource.upstream
+    stalled = fapi.recorder.stalled
+    # Clients fill the pool with requests FAPI sits on ...
+    busy = [await connect_raw(proxy.port) for _ in range(size)]
+    for client in busy:
+        client.transport.write(b"GET /__clerk/stall HTTP/1.1\r\nHost: a\r\n\r\n")
+    await until(lambda: len(stalled) == size, "FAPI holds the first requests")
+    # ... and as many queue a POST whose body never comes.
+    queued = [await connect_raw(proxy.port) for _ in range(size)]
+    for client in queued:
+        client.transport.write(
+            b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"
+        )
+    await until(lambda: pool.queuedRequests == size, "the rest queue")
+    # FAPI closes the busy connections while new connects stall ...
+    gate.shut = True
+    for request in list(stalled):
+        request.channel.transport.abortConnection()
+    stalled.clear()
+    for client in busy:
+        await within(client.waitFor(b"HTTP/1.1 502 "), 10)
+    await until(lambda: pool.connectingConnections == size, "connects under way")
+    # ... and the queued clients reset.
+    for client in queued:
+        client.transport.abortConnection()
+    await until(lambda: pool.queuedRequests == 0, "the queue empties")
+    gate.open()
+    await until(lambda: pool.idleConnections == size, "the new connections idle")
+    # No orphaned request reached FAPI, and after the idle timeout the pool
+    # is back to its baseline.
+    assert heads == [b"GET"] * size
+    await until(lambda: pool.openConnections == 0, "idle connections closed")
+    assert pool.counts() == dict.fromkeys(
+        ("connecting", "busy", "relaying", "idle", "queued"), 0
+    )
+    # Concurrent requests reach FAPI in parallel again.
+    again = [await connect_raw(proxy.port) for _ in range(size)]
+    for client in again:
+        client.transport.write(b"GET /__clerk/stall HTTP/1.1\r\nHost: a\r\n\r\n")
+    await until(lambda: len(stalled) == size, "all of them reach FAPI at once")
+    for request in stalled:
+        request.write(b"ok")
+        request.finish()
+    for client in again:
+        await within(client.waitFor(b"ok"), 10)
+    assert logged_errors == []

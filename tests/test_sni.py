@@ -155,3 +155,15 @@ def test_reload_keeps_old_on_failure(ca: trustme.CA, tmp_path) -> None:
         2000, 1, 1, tzinfo=datetime.timezone.utc
     )
     assert server.expiries()["a.test"] == after.not_valid_after_utc
+
+
+def test_single_certificate_expiry_by_name(ca: trustme.CA, tmp_path) -> None:
+    from clerkproxy._tls import ReloadableServerTLS
+
+    leaf = ca.issue_cert("a.test", "b.test")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    tls = ReloadableServerTLS(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    expiry = tls.expiries()
+    assert sorted(expiry) == ["a.test", "b.test"]
+    assert expiry["a.test"] > datetime.datetime.now(datetime.timezone.utc)

@@ -92,7 +92,7 @@ async def test_slow_reader_pauses_fapi_and_memory_stays_bounded(
     assert 0 < produced < 48 * 1024 * 1024, produced
     assert stream["paused"]
     # ... and the proxy itself holds a bounded amount for this client.
-    assert buffered(server._channel.transport) < 512 * 1024
+    assert buffered(server.transport) < 512 * 1024
     [upstream] = watching.connections
     assert proxy.resource.upstream.relayingConnections == 1  # outside the cap
     assert buffered(upstream.transport.transport) < 512 * 1024
@@ -374,3 +374,34 @@ async def test_the_secret_never_reaches_logs_or_responses(
         assert SECRET not in text
     for data in seen:
         assert SECRET.encode() not in data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_is_cut_at_the_send_timeout(
+    make_proxy: Any, fapi: Any
+) -> None:
+    """
+    On real sockets: the client's socket fills, the proxy pauses FAPI (so
+    FAPI's silence is no read timeout, even a much shorter one) and cuts the
+    client once it has taken nothing for --send-timeout; FAPI's connection
+    goes too.
+    """
+    proxy = make_proxy(send_timeout=0.5, upstream_read_timeout=0.2)
+    client = await connect_raw(proxy.port)
+    client.transport.write(b"GET /__clerk/big/1073741824 HTTP/1.1\r\nHost: a\r\n\r\n")
+    await client.waitFor(b"\r\n\r\n")
+    client.transport.pauseProducing()  # read nothing more
+    metrics = proxy.resource.metrics
+    for _ in range(500):
+        if metrics.timeouts["send"]:
+            break
+        await sleep(0.02)
+    assert metrics.timeouts["send"] == 1
+    assert metrics.timeouts["upstream_read"] == 0
+    client.transport.resumeProducing()
+    await within(client.closed, 10)
+    for _ in range(100):
+        if proxy.resource.upstream.openConnections == 0:
+            break
+        await sleep(0.02)
+    assert proxy.resource.upstream.openConnections == 0

@@ -84,15 +84,6 @@ def test_send_100_continue() -> None:
     assert transport.value().startswith(b"HTTP/1.1 100 Continue\r\n")
 
 
-def test_generic_http_channel_protocol() -> None:
-    """http._GenericHTTPChannelProtocol wraps a channel, as HTTPFactory's
-    protocol does."""
-    channel = http.HTTPChannel()
-    wrapper = compat.GenericHTTPChannelProtocol(channel)
-    assert wrapper._channel is channel
-    assert isinstance(http.HTTPFactory().buildProtocol(None), type(wrapper))
-
-
 def test_headers_raw_headers() -> None:
     """Headers._rawHeaders: a dict of canonical names to lists of values."""
     headers = compat.headers_from_raw({b"Content-Type": [b"a", b"b"]})
@@ -255,3 +246,15 @@ def test_write_buffered() -> None:
     assert compat.write_buffered(socket) == 130
     assert compat.write_buffered(StringTransport()) is None
     assert compat.write_buffered(None) is None
+
+
+def test_write_blocked() -> None:
+    """HTTPChannel._waitingForTransport: set while its transport has paused
+    it, whatever producer registers meanwhile."""
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    assert compat.write_blocked(channel) is False
+    channel.pauseProducing()
+    assert compat.write_blocked(channel) is True
+    channel.resumeProducing()
+    assert compat.write_blocked(channel) is False

@@ -255,7 +255,7 @@ async def test_one_admin_port_adds_up_every_worker(
     status, text = seen["metrics"]
     assert status == 200
     requests = _samples(text, "clerkproxy_requests_total")
-    assert requests == [({"method": "GET", "code": "200"}, 7.0)]
+    assert requests == [({"method": "GET", "code": "200", "protocol": "HTTP/1.1"}, 7.0)]
     assert _samples(text, "clerkproxy_request_duration_seconds_count") == [({}, 7.0)]
     buckets = _samples(text, "clerkproxy_request_duration_seconds_bucket")
     assert buckets[-1] == ({"le": "+Inf"}, 7.0)
@@ -267,5 +267,5 @@ async def test_one_admin_port_adds_up_every_worker(
     assert opened == [({}, 2.0)]
     _, after = seen["after"]
     assert _samples(after, "clerkproxy_requests_total") == [
-        ({"method": "GET", "code": "200"}, 8.0)
+        ({"method": "GET", "code": "200", "protocol": "HTTP/1.1"}, 8.0)
     ]

@@ -112,6 +112,7 @@ class AccessLog:
         totalSeconds: float,
         upstreamSeconds: float | None,
         reused: bool | None,
+        protocol: str = "HTTP/1.1",
         site: str | None = None,
     ) -> None:
         record: dict[str, Any] = {
@@ -127,6 +128,7 @@ class AccessLog:
             if upstreamSeconds is None
             else round(upstreamSeconds * 1000, 3),
             "upstream_reused": reused,
+            "protocol": protocol,
         }
         if site is not None:
             record["site"] = site

@@ -295,6 +295,7 @@ class _Session:
         self._key = accountKey
         self._client: acme_client.ClientV2 | None = None
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
 
     @property
     def network(self) -> _Network | None:
@@ -356,8 +357,25 @@ class _Session:
                 _EmptyObject(),
                 new_nonce_url=client.directory["newNonce"],
             )
+        # Polled here rather than by the library, so that stopping the
+        # process does not wait for a validation to finish.
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
-        done = client.poll_and_finalize(order, deadline)
+        valid = []
+        for authorization in order.authorizations:
+            while True:
+                if self.stopping.is_set():
+                    raise errors.Error("the proxy is stopping")
+                authorization, _ = client.poll(authorization)
+                if authorization.body.status != messages.STATUS_PENDING:
+                    break
+                if datetime.datetime.now() > deadline:
+                    raise errors.TimeoutError()
+                self.stopping.wait(0.5)
+            valid.append(authorization)
+        failed = [a for a in valid if a.body.status != messages.STATUS_VALID]
+        if failed:
+            raise errors.ValidationError(failed)
+        done = client.finalize_order(order.update(authorizations=valid), deadline)
         return str(done.fullchain_pem).encode("ascii")
 
     def renewalTime(self, pem: bytes) -> datetime.datetime | None:
@@ -479,6 +497,7 @@ class AcmeManager:
 
     def stop(self) -> None:
         self._stopped = True
+        self._session.stopping.set()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

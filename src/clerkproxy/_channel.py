@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
 from ._interfaces import IStreamingChannel, IStreamingRequest
@@ -118,7 +118,7 @@ class _BoundedChunkedDecoder(ChunkedTransferDecoder):
 
 
 @implementer(IStreamingChannel)
-class StreamingChannel(http.HTTPChannel):
+class StreamingChannel(HTTPChannel):
     """
     Twisted already rejects with 400: differing, repeated or signed
     C{Content-Length}, C{Content-Length} with C{Transfer-Encoding},
@@ -162,11 +162,13 @@ class StreamingChannel(http.HTTPChannel):
     _phase = _HEAD
     _lines = 0
     _headBytes = 0
+    _peer: Any = None
+    _host: Any = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def connectionMade(self) -> None:
-        http.HTTPChannel.connectionMade(self)
+        HTTPChannel.connectionMade(self)
         site = self.site
         self._maxRequestLine = site.maxRequestLine
         self._maxHead = site.maxHeaderSize
@@ -179,6 +181,21 @@ class StreamingChannel(http.HTTPChannel):
         site.channels.add(self)
         site.headerDeadlines.add(self)
 
+    def getPeer(self) -> Any:
+        # Twisted's Request asks for both addresses on every request; keep
+        # one of each per connection (TCP's getHost is a getsockname call).
+        # Behind haproxy: the addresses are final before connectionMade.
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = HTTPChannel.getPeer(self)
+        return peer
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = HTTPChannel.getHost(self)
+        return host
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         site = self.site
         site.channels.discard(self)
@@ -188,7 +205,19 @@ class StreamingChannel(http.HTTPChannel):
         if client is not None and site.clientConnections is not None:
             self._client = None
             site.clientConnections.release(client)
-        http.HTTPChannel.connectionLost(self, reason)
+        HTTPChannel.connectionLost(self, reason)
+
+    def detach(self) -> None:
+        """
+        Step aside before reading anything: the connection turned out to
+        speak HTTP/2 (see L{clerkproxy._h2.ProtocolSelector}).
+        """
+        site = self.site
+        site.channels.discard(self)
+        site.headerDeadlines.remove(self)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        transport: Any = self.transport
+        transport.unregisterProducer()
 
     def expired(self) -> None:
         """A deadline passed: the head never completed, or nothing came."""
@@ -197,7 +226,7 @@ class StreamingChannel(http.HTTPChannel):
             self._refuse(408)
         elif self._phase == _IDLE:
             self.site.metrics.timedOut("idle")
-            http.HTTPChannel.loseConnection(self)
+            HTTPChannel.loseConnection(self)
 
     @property
     def idle(self) -> bool:
@@ -211,7 +240,7 @@ class StreamingChannel(http.HTTPChannel):
         """
         self.persistent = False
         if self._phase != _BUSY:
-            http.HTTPChannel.loseConnection(self)
+            HTTPChannel.loseConnection(self)
 
     # -- reading -----------------------------------------------------------
 
@@ -229,7 +258,7 @@ class StreamingChannel(http.HTTPChannel):
             site = self.site
             site.idleDeadlines.remove(self)
             site.headerDeadlines.add(self)
-        http.HTTPChannel.dataReceived(self, data)
+        HTTPChannel.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._discarding:
@@ -237,7 +266,7 @@ class StreamingChannel(http.HTTPChannel):
         if self._lines == 0:
             if not line:
                 # A stray CRLF before a request; Twisted tolerates one.
-                http.HTTPChannel.lineReceived(self, line)
+                HTTPChannel.lineReceived(self, line)
                 return
             if len(line) > self._maxRequestLine:
                 self._refuse(414)
@@ -257,14 +286,14 @@ class StreamingChannel(http.HTTPChannel):
         if self._headBytes > self._maxHead:
             self._refuse(431)
             return
-        http.HTTPChannel.lineReceived(self, line)
+        HTTPChannel.lineReceived(self, line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(414 if self._lines == 0 else 431)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._discarding:
-            http.HTTPChannel.rawDataReceived(self, data)
+            HTTPChannel.rawDataReceived(self, data)
 
     def allHeadersReceived(self) -> None:
         self._phase = _BUSY
@@ -277,11 +306,11 @@ class StreamingChannel(http.HTTPChannel):
         ):
             self._refuse(400)
             return
-        http.HTTPChannel.allHeadersReceived(self)
+        HTTPChannel.allHeadersReceived(self)
 
     def allContentReceived(self) -> None:
         if not self._discarding:
-            http.HTTPChannel.allContentReceived(self)
+            HTTPChannel.allContentReceived(self)
 
     def requestDone(self, request: Any) -> None:
         self._lines = self._headBytes = 0
@@ -290,11 +319,11 @@ class StreamingChannel(http.HTTPChannel):
             # the next request (and its header deadline) at once.
             self._phase = _IDLE
             self.site.idleDeadlines.add(self)
-        http.HTTPChannel.requestDone(self, request)
+        HTTPChannel.requestDone(self, request)
 
     def _send100Continue(self) -> None:
         if not self._discarding:
-            http.HTTPChannel._send100Continue(self)
+            HTTPChannel._send100Continue(self)
 
     # -- --max-connections-per-client ------------------------------------
 
@@ -340,7 +369,7 @@ class StreamingChannel(http.HTTPChannel):
         transport.write(
             _RESPONSES[status] + b"Connection: close\r\nContent-Length: 0\r\n\r\n"
         )
-        http.HTTPChannel.loseConnection(self)
+        HTTPChannel.loseConnection(self)
 
     # -- framing -----------------------------------------------------------
 
@@ -364,7 +393,7 @@ class StreamingChannel(http.HTTPChannel):
             data.lower() != b"chunked" or request_version(self) != b"HTTP/1.1"
         ):
             return self._failChooseTransferDecoder()
-        ok: bool = http.HTTPChannel._maybeChooseTransferDecoder(self, header, data)
+        ok: bool = HTTPChannel._maybeChooseTransferDecoder(self, header, data)
         if ok and header == b"Transfer-Encoding":
             request = self.requests[-1]
             streaming = IStreamingRequest.providedBy(request)

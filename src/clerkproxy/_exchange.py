@@ -47,7 +47,7 @@ from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
 from ._interfaces import IStreamingRequest
-from ._twisted_compat import write_buffered
+from ._twisted_compat import write_blocked, write_buffered
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
@@ -385,9 +385,12 @@ class Exchange:
         self._done()
         self._stopUpstream()
         request = self._request
-        request.unregisterProducer()
         channel = getattr(request, "channel", None)
-        if channel is not None and channel.transport is not None:
+        if channel is None:  # pragma: no cover - clientLost comes first
+            request.producer = None
+            return
+        request.unregisterProducer()
+        if channel.transport is not None:
             channel.transport.abortConnection()
 
     def _connectFailed(self, reason: Failure) -> None:
@@ -516,6 +519,9 @@ class Exchange:
         request.responseHeaders = downstream_headers(headers, connection)
         request.registerProducer(self, True)
         route.readDeadlines.add(self)
+        if write_blocked(request.channel):
+            # The client's socket is still full from an earlier answer.
+            self.pauseProducing()
 
     def responseData(self, data: bytes) -> None:
         phase = self._phase

@@ -33,6 +33,8 @@ _METHODS = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
 )
 
+_PROTOCOLS = frozenset({b"HTTP/1.0", b"HTTP/1.1", b"HTTP/2"})
+
 
 class Histogram:
     """Cumulative-on-export bucket counts, a sum and a count."""
@@ -63,7 +65,7 @@ class Metrics:
     """What one process counts.  Gauges are read from their owners on scrape."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[bytes, int], int] = {}
+        self.requests: dict[tuple[bytes, int, bytes], int] = {}
         self.duration = Histogram()
         self.upstream = Histogram()
         self.inFlight = 0
@@ -72,6 +74,7 @@ class Metrics:
         self.connectionsRejected: dict[str, int] = {}
         self.clientConnections: Callable[[], int] = lambda: 0
         self.upstreamOpened: Callable[[], int] = lambda: 0
+        self.http2Events: dict[str, int] = {}
         # Many sites in one process (--config): responses by site and code.
         self.siteRequests: dict[tuple[str, int], int] = {}
         # Certificates: each name's expiry (Unix time), and ACME failures.
@@ -81,10 +84,20 @@ class Metrics:
         #: and requests queued for one, summed over the pools on scrape.
         self.upstreamPools: Callable[[], dict[str, int]] = dict
 
-    def finished(self, method: bytes, code: int, seconds: float) -> None:
-        key = (method if method in _METHODS else b"other", code)
+    def finished(
+        self, method: bytes, code: int, seconds: float, protocol: bytes = b"HTTP/1.1"
+    ) -> None:
+        key = (
+            method if method in _METHODS else b"other",
+            code,
+            protocol if protocol in _PROTOCOLS else b"other",
+        )
         self.requests[key] = self.requests.get(key, 0) + 1
         self.duration.observe(seconds)
+
+    def http2Event(self, kind: str) -> None:
+        """An HTTP/2 defence acted (see L{clerkproxy._h2})."""
+        self.http2Events[kind] = self.http2Events.get(kind, 0) + 1
 
     def siteFinished(self, site: str, code: int) -> None:
         key = (site, code)
@@ -112,11 +125,13 @@ class MetricsCollector(Collector):
         m = self._metrics
         requests = CounterMetricFamily(
             "clerkproxy_requests",
-            "Requests answered, by method and status code.",
-            labels=["method", "code"],
+            "Requests answered, by method, status code and HTTP version.",
+            labels=["method", "code", "protocol"],
         )
-        for (method, code), n in sorted(m.requests.items()):
-            requests.add_metric([method.decode("ascii"), str(code)], n)
+        for (method, code, protocol), n in sorted(m.requests.items()):
+            requests.add_metric(
+                [method.decode("ascii"), str(code), protocol.decode("ascii")], n
+            )
         yield requests
         yield _histogram(
             "clerkproxy_request_duration_seconds",
@@ -164,6 +179,19 @@ class MetricsCollector(Collector):
         for kind, n in sorted(m.upstreamErrors.items()):
             errors.add_metric([kind], n)
         yield errors
+        http2 = CounterMetricFamily(
+            "clerkproxy_http2_events",
+            "HTTP/2 defences that acted: connections refused (rapid_reset, "
+            "continuation_flood, header_list_too_large, settings_flood, "
+            "ping_flood, priority_flood, empty_data_flood, unknown_frame_flood, "
+            "stream_limit, protocol_error) and streams reset "
+            "(reset_before_forwarding, content_length_mismatch, "
+            "malformed_request).",
+            labels=["kind"],
+        )
+        for kind, n in sorted(m.http2Events.items()):
+            http2.add_metric([kind], n)
+        yield http2
         if m.siteRequests:
             sites = CounterMetricFamily(
                 "clerkproxy_site_requests",

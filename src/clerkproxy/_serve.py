@@ -62,11 +62,13 @@ def build_service(
     metrics.upstreamPools = lambda: pool_counts(pools)
     tls = settings.tls
     acme = None
+    if tls is not None:
+        served = tls
+        metrics.certificateExpiry = lambda: {
+            name: notAfter.timestamp() for name, notAfter in served.expiries().items()
+        }
     if isinstance(tls, SNIServerTLS):
         sni = tls
-        metrics.certificateExpiry = lambda: {
-            name: notAfter.timestamp() for name, notAfter in sni.expiries().items()
-        }
         if settings.acme is not None:
             assert http01 is not None
 
@@ -86,7 +88,11 @@ def build_service(
         max_request_line=settings.maxRequestLine,
         max_header_size=settings.maxHeaderSize,
         max_connections_per_client=settings.maxConnectionsPerClient,
+        http2=settings.http2,
     )
+    if isinstance(tls, SNIServerTLS):
+        # It answers ALPN itself (for acme-tls/1): offer h2 there too.
+        tls.protocols = tuple(site.acceptableProtocols())
     admin = None
     if settings.adminPort:
         admin = (

@@ -18,6 +18,7 @@ import attrs
 from ._acme import AcmeSettings
 from ._config import DEFAULT_FAPI, ConfigError, ProxyConfig
 from ._endpoints import check_admin_port, check_port
+from ._h2 import HTTP2Settings
 from ._sites import Site, read_sites
 from ._sni import ServerTLS
 from ._tls import ReloadableServerTLS, load_trust_root
@@ -50,6 +51,7 @@ class ServeSettings:
     @ivar maxHeaderSize: C{--max-header-size}, in bytes.
     @ivar maxConnectionsPerClient: C{--max-connections-per-client}; 0 is
         no limit.
+    @ivar http2: HTTP/2 to clients (C{--http2}, C{--h2c} and its limits).
     @ivar sites: With C{--config}, every site (C{config} is the first's).
     @ivar acme: What C{--acme-*} (or the config file's C{[acme]}) asks for.
     @ivar redirectHTTP: Whether plain-HTTP requests get a 308 to https.
@@ -71,6 +73,7 @@ class ServeSettings:
     maxRequestLine: int = 16 * 1024
     maxHeaderSize: int = 64 * 1024
     maxConnectionsPerClient: int = 0
+    http2: HTTP2Settings = attrs.field(factory=HTTP2Settings)
     sites: tuple[Site, ...] = ()
     acme: AcmeSettings | None = None
     redirectHTTP: bool = False
@@ -173,7 +176,25 @@ def read_settings(
     adminPort = options["admin-port"] or None
     if adminPort:
         check_admin_port(adminPort)
+    http2 = options.get("http2", "on")
+    if http2 not in ("on", "off"):
+        raise ConfigError(f"--http2 must be on or off, got {http2!r}")
+    streams = _number(
+        {"h2-max-concurrent-streams": options.get("h2-max-concurrent-streams", 100)},
+        "h2-max-concurrent-streams",
+        int,
+    )
+    if streams < 1:
+        raise ConfigError(
+            f"--h2-max-concurrent-streams must be at least 1, got {streams!r}"
+        )
     return ServeSettings(
+        http2=HTTP2Settings(
+            tls=http2 == "on",
+            h2c=bool(options.get("h2c")),
+            maxConcurrentStreams=streams,
+            sendTimeout=config.timeouts.send,
+        ),
         config=config,
         tls=tls,
         fapiCA=fapiCA,

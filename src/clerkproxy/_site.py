@@ -14,10 +14,10 @@ from ._accesslog import AccessLog
 from ._channel import MAX_HEAD, MAX_REQUEST_LINE, StreamingChannel
 from ._deadlines import Deadlines
 from ._forwarded import ClientAddress
+from ._h2 import HTTP2Settings, ProtocolSelector
 from ._interfaces import IStreamingSite
 from ._metrics import Metrics
 from ._request import StreamingRequest
-from ._twisted_compat import GenericHTTPChannelProtocol
 
 if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
@@ -58,11 +58,6 @@ class ClientConnections:
         return self._open.get(client, 0)
 
 
-def _streamingProtocol(factory: Site) -> GenericHTTPChannelProtocol:
-    channel: StreamingChannel = StreamingChannel()  # type: ignore[no-untyped-call]
-    return GenericHTTPChannelProtocol(channel)
-
-
 @implementer(IStreamingSite)
 class StreamingSite(Site):
     """
@@ -77,9 +72,24 @@ class StreamingSite(Site):
         closes its connection.
     """
 
-    protocol = _streamingProtocol
     requestFactory = StreamingRequest
     draining = False
+    #: HTTP/2 to clients; off unless L{configure} is given settings.
+    http2 = HTTP2Settings(tls=False, h2c=False)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel: Any = StreamingChannel()  # type: ignore[no-untyped-call]
+        channel.factory = self
+        channel.site = self
+        channel.requestFactory = self.requestFactory
+        channel.callLater = self.reactor.callLater
+        channel.timeOut = self.timeOut
+        http2 = self.http2
+        if http2.tls or http2.h2c:
+            # Picks HTTP/2 by ALPN or the client preface, per connection.
+            return ProtocolSelector(self, channel)
+        return channel
+
     maxRequestLine = MAX_REQUEST_LINE
     maxHeaderSize = MAX_HEAD
     #: Open connections per client, when they are limited.
@@ -127,6 +137,7 @@ class StreamingSite(Site):
         maxRequestLine: int = MAX_REQUEST_LINE,
         maxHeaderSize: int = MAX_HEAD,
         maxConnectionsPerClient: int = 0,
+        http2: HTTP2Settings | None = None,
     ) -> None:
         self.maxRequestLine = maxRequestLine
         self.maxHeaderSize = maxHeaderSize
@@ -135,13 +146,16 @@ class StreamingSite(Site):
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.clientConnections = self.channels.__len__
         self.accessLog = accessLog
-        self._clock = clock
+        self._clock = self.clock = clock
         self.clientAddress = self._clientAddress = clientAddress or ClientAddress(())
         self.clientConnections = (
             ClientConnections(maxConnectionsPerClient, self.metrics)
             if maxConnectionsPerClient
             else None
         )
+        if http2 is not None:
+            self.http2 = http2
+        self.h2SendDeadlines: Deadlines[Any] = Deadlines(clock, self.http2.sendTimeout)
 
     def requestStarted(self, request: StreamingRequest) -> None:
         """The request's head is in: it is now in flight."""
@@ -165,8 +179,9 @@ class StreamingSite(Site):
         metrics = self.metrics
         metrics.inFlight -= 1
         siteName = getattr(request, "siteName", None)
+        protocol = request.clientproto
         if status != 499:
-            metrics.finished(request.method, status, seconds)
+            metrics.finished(request.method, status, seconds, protocol)
             if siteName is not None:
                 metrics.siteFinished(siteName, status)
         accessLog = self.accessLog
@@ -188,11 +203,14 @@ class StreamingSite(Site):
                 totalSeconds=seconds,
                 upstreamSeconds=request.upstreamSeconds,
                 reused=request.upstreamReused,
+                protocol=protocol.decode("ascii", "replace"),
                 site=siteName,
             )
 
     def acceptableProtocols(self) -> list[bytes]:
-        # The streaming request relies on HTTP/1.1 channel semantics.
+        """What TLS offers by ALPN: C{h2} first when HTTP/2 is on."""
+        if self.http2.tls:
+            return [b"h2", b"http/1.1"]
         return [b"http/1.1"]
 
     def drain(self) -> None:
@@ -213,6 +231,7 @@ def build_site(
     max_request_line: int = MAX_REQUEST_LINE,
     max_header_size: int = MAX_HEAD,
     max_connections_per_client: int = 0,
+    http2: HTTP2Settings | None = None,
 ) -> StreamingSite:
     """
     A L{StreamingSite} serving C{resource}.
@@ -224,6 +243,8 @@ def build_site(
         (a L{FrontendAPIProxy} has one), else a new one.
     @param access_log: Where to log each request, if anywhere.
     @param client_address: How to find the client's address for the log.
+    @param http2: HTTP/2 to clients (by ALPN on TLS, and with C{h2c} on
+        plain connections); off by default.
     @param max_request_line: Longest request line in bytes; 414 above it.
     @param max_header_size: Largest request head (request line and header
         lines) in bytes; 431 above it.
@@ -244,5 +265,6 @@ def build_site(
         max_request_line,
         max_header_size,
         max_connections_per_client,
+        http2,
     )
     return site

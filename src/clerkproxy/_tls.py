@@ -11,6 +11,7 @@ clients without them) with ticket keys that are replaced on a timer.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import re
 from typing import TYPE_CHECKING, Any
@@ -230,6 +231,17 @@ class ReloadableServerTLS:
     def getContext(self) -> SSL.Context:
         context: SSL.Context = self._options.getContext()
         return context
+
+    def expiries(self) -> dict[str, datetime.datetime]:
+        """The certificate's C{notAfter}, by each DNS name it carries."""
+        leaf = self._material[1]
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            names = san.value.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        notAfter: datetime.datetime = leaf.not_valid_after_utc
+        return dict.fromkeys(names or ["(no name)"], notAfter)
 
     def rotateTicketKeys(self) -> None:
         """

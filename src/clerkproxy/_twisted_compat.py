@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse
-from twisted.web.http import _ChunkedTransferDecoder, _GenericHTTPChannelProtocol
+from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ __all__ = [
     "CHANNEL_OVERRIDES",
     "DECODER_OVERRIDES",
     "ChunkedTransferDecoder",
-    "GenericHTTPChannelProtocol",
     "IOpenSSLTrustRoot",
     "clear_tls_options",
     "encode_header_name",
@@ -38,6 +37,7 @@ __all__ = [
     "replace_chunked_decoder",
     "request_line",
     "request_version",
+    "write_blocked",
     "write_buffered",
 ]
 
@@ -77,11 +77,6 @@ def replace_chunked_decoder(
     current = channel._transferDecoder
     if type(current) is _ChunkedTransferDecoder:
         channel._transferDecoder = make(current.dataCallback, current.finishCallback)
-
-
-#: The protocol wrapper C{HTTPFactory.protocol} returns, which picks
-#: HTTP/1.1 or HTTP/2 by ALPN around an C{HTTPChannel}.
-GenericHTTPChannelProtocol = _GenericHTTPChannelProtocol
 
 
 def parse_endpoint_description(description: str) -> tuple[list[str], dict[str, str]]:
@@ -158,3 +153,13 @@ def write_buffered(transport: object) -> int | None:
         if transport is None:
             return None
     return None
+
+
+def write_blocked(channel: Any) -> bool:
+    """
+    Whether C{channel} (an C{HTTPChannel}) has been paused by its transport
+    and not resumed (C{_waitingForTransport}).  C{registerProducer} does not
+    pass that state on to a producer registered meanwhile, as a pipelined
+    request's is after the answer before it filled the socket.
+    """
+    return bool(getattr(channel, "_waitingForTransport", False))

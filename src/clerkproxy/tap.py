@@ -157,6 +157,25 @@ class Options(usage.Options):
             None,
             "Use only this challenge: tls-alpn-01 or http-01 (default both).",
         ],
+        [
+            "http2",
+            None,
+            "on",
+            "Offer HTTP/2 (ALPN h2) on TLS listeners: on or off.",
+        ],
+        [
+            "h2-max-concurrent-streams",
+            None,
+            100,
+            "Streams one HTTP/2 connection may have open at once.",
+        ],
+    ]
+    optFlags = [
+        [
+            "h2c",
+            None,
+            "Also accept HTTP/2 with prior knowledge (h2c) on plain listeners.",
+        ],
     ]
 
     settings: ServeSettings
