@@ -425,6 +425,7 @@ class Results:
     #: RSS (KiB) of each contender against idle keep-alive connections held.
     idle_curves: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     tls: Any = None
+    http2: Any = None  # bench/h2_rows.py
 
 
 def parse_duration_ms(text: str) -> float:
@@ -837,6 +838,10 @@ def report(results: Results, args: argparse.Namespace) -> str:
         import tls_rows
 
         lines += tls_rows.report(results.tls)
+    if results.http2 is not None:
+        import h2_rows
+
+        lines += h2_rows.report(results.http2, results.tls)
     if results.memory:
         lines += ["", "| clerkproxy memory | result |", "|---|---:|"]
         lines += [f"| {what} | {value} |" for what, value in results.memory]
@@ -874,6 +879,7 @@ def write_json(results: Results, args: argparse.Namespace, path: Path) -> None:
             for name, curve in results.idle_curves.items()
         },
         "tls": results.tls.as_json() if results.tls is not None else None,
+        "http2": results.http2.as_json() if results.http2 is not None else None,
     }
     path.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -915,6 +921,12 @@ def main() -> None:
         dest="tls",
         action="store_false",
         help="skip the TLS termination rows",
+    )
+    parser.add_argument(
+        "--no-http2",
+        dest="http2",
+        action="store_false",
+        help="skip the HTTP/2 rows (h2load -c CONNECTIONS -m 10 over TLS)",
     )
     parser.add_argument(
         "--handshake-seconds",
@@ -990,6 +1002,12 @@ def main() -> None:
                             2,
                             results.tls,
                         )
+        if args.http2:
+            import h2_rows  # bench/h2_rows.py: HTTP/2 clients over TLS
+
+            results.http2 = h2_rows.run_rounds(
+                s, keys, args.rounds, args.duration, args.warmup, args.connections
+            )
         if args.idle:
             for tls in (False, True):
                 cost = idle_connection_cost(s, args.idle, tls, results.idle_curves)

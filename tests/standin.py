@@ -17,6 +17,15 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 GZIPPED = gzip.compress(b'{"object":"environment"}' * 20)
+PROBE_JS = b"""
+window.addEventListener("load", function () {
+  var items = ["page=" + performance.getEntriesByType("navigation")[0].nextHopProtocol];
+  performance.getEntriesByType("resource").forEach(function (e) {
+    items.push(e.name.split("/").pop() + "=" + e.nextHopProtocol);
+  });
+  document.getElementById("out").textContent = items.join(" ");
+});
+"""
 
 
 class RecordingRequest(server.Request):
@@ -122,6 +131,10 @@ class FakeFAPI(Resource):
         if path.startswith(b"/no-content-type"):
             request.defaultContentType = None
             return b"untyped"
+        if path == b"/npm/probe.js":
+            # For the browser test: report how the page and this script came.
+            request.setHeader(b"Content-Type", b"application/javascript")
+            return PROBE_JS
         if path.startswith(b"/redirect"):
             request.setResponseCode(302)
             request.setHeader(

@@ -369,3 +369,27 @@ acme = true
         )
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewal_over_tls_alpn_while_serving(
+    short_lived: Pebble, tmp_path: Path, events: list[str]
+) -> None:
+    """tls-alpn-01 for a name that already has a certificate: the validator
+    gets the challenge, ordinary clients the real certificate."""
+    pebble = short_lived
+    edge = Edge(pebble)
+    try:
+        name = "alpn-renew.example.test"
+        manager = edge.manager(
+            pebble, tmp_path / "acme", name, challenges=(TLS_ALPN_01,)
+        )
+        manager.start()
+        await until(lambda: manager.issued == 2 or manager.failures, "a renewal", 30)
+        assert manager.issued == 2 and manager.failures == 0, (events, pebble.log())
+        peer = await deferToThread(
+            fetch_certificate, pebble.tlsPort, name, pebble.root()
+        )
+        assert ("DNS", name) in peer["subjectAltName"]
+    finally:
+        await edge.close()

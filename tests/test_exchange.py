@@ -647,3 +647,27 @@ def test_a_redirect_into_fapi_comes_back_through_the_proxy(
         + b"\r\nContent-Length: 0\r\n\r\n"
     )
     assert b"\r\nLocation: " + expected + b"\r\n" in client_transport.value()
+
+
+def test_a_pipelined_answer_to_a_full_client_starts_paused() -> None:
+    """
+    The first answer fills the client's socket and ends; the second, for a
+    request pipelined behind it, must not pile up in memory: Twisted does
+    not pause a producer registered while the socket is full.
+    """
+    rig = Rig()
+    client = rig.site.buildProtocol(None)
+    socket = SlowSocket(rig.clock)
+    client.makeConnection(socket)
+    client.dataReceived(GET + GET)
+    upstream, upstream_transport = rig.endpoint.complete()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    upstream.dataReceived(b"x" * 100000)  # all of it, into the socket's buffer
+    assert upstream_transport.producerState == "producing"  # back in the pool
+    # The pipelined request went out on the same connection.
+    assert upstream_transport.value().count(b"GET /v1/client") == 2
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    assert upstream_transport.producerState == "paused"
+    rig.clock.advance(60.0)
+    assert socket.aborted
+    assert rig.proxy.metrics.timeouts["send"] == 1

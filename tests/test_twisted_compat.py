@@ -274,3 +274,15 @@ def test_write_now(monkeypatch: Any) -> None:
     assert sent == [b"held ", b"now"]
     clock.advance(0)
     assert sent == [b"held ", b"now"]
+
+
+def test_write_blocked() -> None:
+    """HTTPChannel._waitingForTransport: set while its transport has paused
+    it, whatever producer registers meanwhile."""
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    assert compat.write_blocked(channel) is False
+    channel.pauseProducing()
+    assert compat.write_blocked(channel) is True
+    channel.resumeProducing()
+    assert compat.write_blocked(channel) is False

@@ -47,7 +47,7 @@ from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
 from ._interfaces import IStreamingRequest
-from ._twisted_compat import write_buffered
+from ._twisted_compat import write_blocked, write_buffered
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
@@ -519,6 +519,9 @@ class Exchange:
         request.responseHeaders = downstream_headers(headers, connection)
         request.registerProducer(self, True)
         route.readDeadlines.add(self)
+        if write_blocked(request.channel):
+            # The client's socket is still full from an earlier answer.
+            self.pauseProducing()
 
     def responseData(self, data: bytes) -> None:
         phase = self._phase

@@ -38,6 +38,7 @@ __all__ = [
     "replace_chunked_decoder",
     "request_line",
     "request_version",
+    "write_blocked",
     "write_buffered",
     "write_now",
 ]
@@ -169,3 +170,13 @@ def write_now(transport: Any, data: bytes) -> None:
         return
     aggregator.flush()
     TLSMemoryBIOProtocol.write(transport, data)
+
+
+def write_blocked(channel: Any) -> bool:
+    """
+    Whether C{channel} (an C{HTTPChannel}) has been paused by its transport
+    and not resumed (C{_waitingForTransport}).  C{registerProducer} does not
+    pass that state on to a producer registered meanwhile, as a pipelined
+    request's is after the answer before it filled the socket.
+    """
+    return bool(getattr(channel, "_waitingForTransport", False))
