@@ -464,3 +464,52 @@ async def test_max_connections_per_client_counts_h2_connections(
     await within(first.closed)
     third = await h2proxy.client()
     assert (await third.get("/__clerk/v1/client")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connection_gets_goaway_at_the_idle_deadline(
+    h2proxy: H2Proxy, fapi: Any
+) -> None:
+    from twisted.internet.task import Clock
+
+    from clerkproxy._deadlines import Deadlines
+
+    clock = Clock()
+    site = h2proxy.proxy.site
+    site.idleDeadlines = Deadlines(clock, 60.0)
+    client = await h2proxy.client()
+    assert (await client.get("/__clerk/v1/client")).status == 200
+    clock.advance(59)
+    assert not client.closed.called
+    clock.advance(2)
+    await within(client.closed)
+    assert client.goaway == ErrorCodes.NO_ERROR
+    assert h2proxy.metrics.timeouts["idle"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_lets_open_streams_finish_then_closes(
+    h2proxy: H2Proxy, fapi: Any
+) -> None:
+    client = await h2proxy.client()
+    response = client.send("GET", "/__clerk/stall")
+    while not fapi.recorder.stalled:
+        await sleep(0.01)
+    site = h2proxy.proxy.site
+    site.drain()
+    while client.goaway is None:
+        await sleep(0.01)
+    assert client.goaway == ErrorCodes.NO_ERROR
+    assert not client.closed.called
+    [stalled] = fapi.recorder.stalled
+    stalled.write(b"late but whole")
+    stalled.finish()
+    await within(response.done)
+    assert response.status == 200 and response.ended, (response.reset, fapi.seen)
+    assert response.body == b"late but whole"
+    await within(client.closed)
+    for _ in range(500):
+        if not site.channels:
+            break
+        await sleep(0.01)
+    assert not site.channels

@@ -45,6 +45,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
@@ -574,8 +575,14 @@ class H2Connection(Protocol):
         if self._closed or self._goingAway:
             return
         self._goingAway = True
-        self._conn.close_connection(ErrorCodes.NO_ERROR)
+        # h2's own close_connection would refuse to send anything more, on
+        # the streams already open too: write the GOAWAY frame ourselves.
         self._flush()
+        frame = GoAwayFrame(
+            0, last_stream_id=self._conn.highest_inbound_stream_id, error_code=0
+        )
+        transport: Any = self.transport
+        transport.write(frame.serialize())
         if not self._streams:
             self._close()
 
@@ -584,8 +591,11 @@ class H2Connection(Protocol):
         if self._closed:
             return
         if self._prefaced:
+            self._site.metrics.timedOut("idle")
             self._conn.close_connection(ErrorCodes.NO_ERROR)
             self._flush()
+        else:
+            self._site.metrics.timedOut("header")
         self._close()
 
     def _close(self) -> None:
@@ -935,7 +945,12 @@ class H2Connection(Protocol):
     ) -> None:
         if stream.state == _CLOSED:
             return
-        self._conn.send_headers(stream.streamID, headers, end_stream=end)
+        try:
+            self._conn.send_headers(stream.streamID, headers, end_stream=end)
+        except h2.exceptions.ProtocolError:
+            # The stream or the connection can take no more (a GOAWAY came).
+            self._forget(stream, Failure(ConnectionLost("stream closed")))
+            return
         if end:
             stream.outEnd = stream.responseEnded = True
             self._maybeDone(stream)
@@ -1000,7 +1015,7 @@ class H2Connection(Protocol):
             if stream.outEnd and not queue and not stream.responseEnded:
                 conn.end_stream(streamID)
                 stream.responseEnded = True
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             self._forget(stream, Failure(ConnectionLost("stream closed")))
             self._flush()
             return
