@@ -248,6 +248,34 @@ def test_write_buffered() -> None:
     assert compat.write_buffered(None) is None
 
 
+def test_write_now(monkeypatch: Any) -> None:
+    """Twisted's TLS transport holds small writes in _aggregator until a
+    callLater(0); write_now flushes what it holds and writes at once."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import optionsForClientTLS
+    from twisted.internet.task import Clock
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+    sent: list[bytes] = []
+    monkeypatch.setattr(
+        TLSMemoryBIOProtocol, "write", lambda self, data: sent.append(data)
+    )
+    clock = Clock()
+    factory = TLSMemoryBIOFactory(
+        optionsForClientTLS("example.com"),
+        True,
+        Factory.forProtocol(Protocol),
+        clock=clock,
+    )
+    transport = factory.buildProtocol(None)
+    transport.write(b"held ")
+    assert sent == [] and clock.getDelayedCalls()  # aggregated, flushed later
+    compat.write_now(transport, b"now")
+    assert sent == [b"held ", b"now"]
+    clock.advance(0)
+    assert sent == [b"held ", b"now"]
+
+
 def test_write_blocked() -> None:
     """HTTPChannel._waitingForTransport: set while its transport has paused
     it, whatever producer registers meanwhile."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
 
@@ -39,6 +40,7 @@ __all__ = [
     "request_version",
     "write_blocked",
     "write_buffered",
+    "write_now",
 ]
 
 #: Private methods of C{twisted.web.http.HTTPChannel} that
@@ -153,6 +155,21 @@ def write_buffered(transport: object) -> int | None:
         if transport is None:
             return None
     return None
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} through C{transport} at once.  Twisted's TLS transport
+    (C{BufferingTLSTransport}) otherwise holds small writes until the next
+    reactor turn (C{_aggregator}, flushed by a C{callLater(0)}); whatever
+    it holds goes first, so the order of bytes is kept.
+    """
+    aggregator = getattr(transport, "_aggregator", None)
+    if aggregator is None or not isinstance(transport, TLSMemoryBIOProtocol):
+        transport.write(data)
+        return
+    aggregator.flush()
+    TLSMemoryBIOProtocol.write(transport, data)
 
 
 def write_blocked(channel: Any) -> bool:
