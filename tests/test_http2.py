@@ -513,3 +513,25 @@ async def test_drain_lets_open_streams_finish_then_closes(
             break
         await sleep(0.01)
     assert not site.channels
+
+
+@pytest_twisted.ensureDeferred
+async def test_resources_that_do_not_stream_ask_for_http11() -> None:
+    from twisted.web.resource import Resource
+
+    class Plain(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            return b"plain"
+
+    site = build_site(Plain(), reactor, http2=HTTP2Settings(h2c=True))
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        client = await connect_h2(port.getHost().port, tls=False)
+        response = await client.get("/")
+        assert response.reset == ErrorCodes.HTTP_1_1_REQUIRED
+        client.transport.loseConnection()
+        await within(client.closed)
+    finally:
+        await port.stopListening()
