@@ -401,7 +401,10 @@ class H2Request:
             return
         if not self.startedWriting:
             self.startedWriting = True
-            stream.connection._sendHeaders(stream, self._headerList(), False)
+            # The body's first bytes follow in the same write.
+            stream.connection._sendHeaders(
+                stream, self._headerList(), False, flush=not data
+            )
         if data and self._bodyAllowed():
             self.sentLength += len(data)
             stream.connection._sendData(stream, data)
@@ -477,6 +480,7 @@ class H2Connection(Protocol):
 
     secure = False
     _client: bytes | None = None
+    _inRead = False
 
     def __init__(self, site: StreamingSite, settings: HTTP2Settings) -> None:
         self._site = site
@@ -577,7 +581,7 @@ class H2Connection(Protocol):
         self._goingAway = True
         # h2's own close_connection would refuse to send anything more, on
         # the streams already open too: write the GOAWAY frame ourselves.
-        self._flush()
+        self._flush(now=True)
         frame = GoAwayFrame(
             0, last_stream_id=self._conn.highest_inbound_stream_id, error_code=0
         )
@@ -593,12 +597,13 @@ class H2Connection(Protocol):
         if self._prefaced:
             self._site.metrics.timedOut("idle")
             self._conn.close_connection(ErrorCodes.NO_ERROR)
-            self._flush()
+            self._flush(now=True)
         else:
             self._site.metrics.timedOut("header")
         self._close()
 
     def _close(self) -> None:
+        self._flush(now=True)
         self._closed = True
         transport: Any = self.transport
         # A transport with a producer registered waits for it to go away
@@ -624,7 +629,7 @@ class H2Connection(Protocol):
         _log.info("HTTP/2 connection refused: {kind}", kind=kind)
         if goAway:
             self._conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        self._flush()
+        self._flush(now=True)
         self._close()
         reason = Failure(ConnectionLost(f"HTTP/2 connection refused: {kind}"))
         for stream in list(self._streams.values()):
@@ -645,6 +650,16 @@ class H2Connection(Protocol):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        # Whatever the frames of one read make us send goes out in one write
+        # (one TLS record), not one per frame.
+        self._inRead = True
+        try:
+            self._read(data)
+        finally:
+            self._inRead = False
+            self._flush()
+
+    def _read(self, data: bytes) -> None:
         if self._closed:
             return
         buf = self._inbuf + data if self._inbuf else data
@@ -697,7 +712,6 @@ class H2Connection(Protocol):
         self._inbuf = buf[pos:]
         if self._feed(buf[fed:pos]):
             self._startPending()
-            self._flush()
 
     def _checkHeaderBlock(self, kind: int, length: int, flags: int) -> bool:
         if kind == _HEADERS:
@@ -934,14 +948,21 @@ class H2Connection(Protocol):
 
     # -- output -----------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, now: bool = False) -> None:
+        """Write what h2 has for the client; within a read, at its end."""
+        if self._inRead and not now:
+            return
         data = self._conn.data_to_send()
         if data:
             transport: Any = self.transport
             transport.write(data)
 
     def _sendHeaders(
-        self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end: bool
+        self,
+        stream: H2Stream,
+        headers: list[tuple[bytes, bytes]],
+        end: bool,
+        flush: bool = True,
     ) -> None:
         if stream.state == _CLOSED:
             return
@@ -954,7 +975,8 @@ class H2Connection(Protocol):
         if end:
             stream.outEnd = stream.responseEnded = True
             self._maybeDone(stream)
-        self._flush()
+        if flush:
+            self._flush()
 
     def _sendData(self, stream: H2Stream, data: bytes) -> None:
         if stream.state == _CLOSED:
@@ -1088,7 +1110,7 @@ class H2Connection(Protocol):
             request._lost(reason)
         if not streams and not self._closed:
             if self._goingAway:
-                self._flush()
+                self._flush(now=True)
                 self._close()
             elif self._prefaced:
                 self._site.idleDeadlines.add(self)  # type: ignore[arg-type]
