@@ -525,11 +525,13 @@ async def test_resources_that_do_not_stream_ask_for_http11() -> None:
         def render(self, request: Any) -> bytes:
             return b"plain"
 
-    site = build_site(Plain(), reactor, http2=HTTP2Settings(h2c=True))
+    root = Resource()  # not a leaf: the tree is traversed
+    root.putChild(b"plain", Plain())
+    site = build_site(root, reactor, http2=HTTP2Settings(h2c=True))
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:
         client = await connect_h2(port.getHost().port, tls=False)
-        response = await client.get("/")
+        response = await client.get("/plain")
         assert response.reset == ErrorCodes.HTTP_1_1_REQUIRED
         client.transport.loseConnection()
         await within(client.closed)

@@ -332,7 +332,8 @@ class H2Request:
         self.responseHeaders = Headers()
         self.args: dict[bytes, list[bytes]] = {}
         self.prepath: list[bytes] = []
-        self.postpath: list[bytes] = list(map(unquote, self.path[1:].split(b"/")))
+        #: Filled in only for a resource tree to traverse (see _start).
+        self.postpath: list[bytes] = []
         self._onLost: Callable[[], object] | None = None
         self._notifications: list[Deferred[None]] = []
         self._producer: IPushProducer | None = None
@@ -859,7 +860,13 @@ class H2Connection(Protocol):
         else:
             length = stream.expected
         try:
-            resource = site.getResourceFor(request)  # type: ignore[no-untyped-call]
+            resource = site.resource
+            if resource.isLeaf:
+                # The proxy's own roots: nothing to traverse.
+                request.site = site  # type: ignore[attr-defined]
+            else:
+                request.postpath = list(map(unquote, request.path[1:].split(b"/")))
+                resource = site.getResourceFor(request)  # type: ignore[no-untyped-call]
             if not IStreamingResource.providedBy(resource):
                 # Only streaming resources are served over HTTP/2; this
                 # tells the browser to ask again over HTTP/1.1.
