@@ -537,3 +537,47 @@ async def test_resources_that_do_not_stream_ask_for_http11() -> None:
         await within(client.closed)
     finally:
         await port.stopListening()
+
+
+@pytest.mark.parametrize("kind", ["tls-cert", "sni"])
+@pytest_twisted.ensureDeferred
+async def test_the_cli_certificate_paths_offer_h2(
+    make_proxy: Callable[..., Any], fapi: Any, ca: trustme.CA, tmp_path: Any, kind: str
+) -> None:
+    """--tls-cert (ReloadableServerTLS) and the SNI/ACME context factory,
+    which answers ALPN itself, both negotiate h2 when HTTP/2 is on."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from clerkproxy._sni import SNIServerTLS
+    from clerkproxy._tls import ReloadableServerTLS
+
+    def site(resource: Any, clock: Any) -> Any:
+        return build_site(resource, clock, http2=HTTP2Settings())
+
+    proxy = make_proxy(site_factory=site)
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    certPath, keyPath = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certPath.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    keyPath.write_bytes(cert.private_key_pem.bytes())
+    if kind == "tls-cert":
+        tls: Any = ReloadableServerTLS(str(certPath), str(keyPath))
+    else:
+        tls = SNIServerTLS(tuple(proxy.site.acceptableProtocols()))
+        tls.install(
+            ["localhost"],
+            load_pem_private_key(cert.private_key_pem.bytes(), None),
+            [x509.load_pem_x509_certificate(b.bytes()) for b in cert.cert_chain_pems],
+        )
+    port = reactor.listenTCP(
+        0, TLSMemoryBIOFactory(tls, False, proxy.site), interface="127.0.0.1"
+    )
+    try:
+        client = await connect_h2(port.getHost().port, ca)
+        assert (await client.get("/__clerk/v1/client")).status == 200
+        assert client.transport.negotiatedProtocol == b"h2"
+        client.transport.loseConnection()
+        await within(client.closed)
+    finally:
+        await port.stopListening()
