@@ -361,7 +361,7 @@ class StreamingChannel(HTTPChannel):
             if self.length == 0:
                 self.allContentReceived()
             else:
-                self.setRawMode()
+                self.setRawMode()  # type: ignore[no-untyped-call]
         finally:
             rest = data[end + 4 :] + end_head(self)
         if rest and not transport.disconnecting:

@@ -106,7 +106,9 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes]:
     return channel._command, channel._path, channel._version
 
 
-def set_request_line(channel: Any, method: bytes, target: bytes, version: bytes) -> None:
+def set_request_line(
+    channel: Any, method: bytes, target: bytes, version: bytes
+) -> None:
     """
     Store a request line on C{channel} (an C{HTTPChannel}) where its own
     C{lineReceived} would have (C{_command}, C{_path}, C{_version}).
