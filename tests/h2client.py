@@ -70,6 +70,7 @@ class H2Client(Protocol):
         self.settings: dict[int, int] = {}
         self.pings = 0
         self.received = 0
+        self._buf = b""
 
     def connectionMade(self) -> None:
         self.conn.initiate_connection()
@@ -82,8 +83,25 @@ class H2Client(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
+        # The h2 library, as a client, refuses every frame after a GOAWAY,
+        # even on streams the GOAWAY lets finish: keep GOAWAY frames from
+        # it and note them here.
+        buf = self._buf + data
+        kept = []
+        pos = 0
+        while len(buf) - pos >= 9:
+            length = int.from_bytes(buf[pos : pos + 3], "big")
+            if len(buf) - pos - 9 < length:
+                break
+            frame = buf[pos : pos + 9 + length]
+            if frame[3] == 7:
+                self.goaway = int.from_bytes(frame[13:17], "big")
+            else:
+                kept.append(frame)
+            pos += 9 + length
+        self._buf = buf[pos:]
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receive_data(b"".join(kept))
         except h2.exceptions.ProtocolError:
             self.transport.loseConnection()
             return
@@ -107,8 +125,6 @@ class H2Client(Protocol):
             elif isinstance(event, h2.events.StreamReset) and response:
                 response.reset = event.error_code
                 response._finish()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaway = event.error_code
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 for code, change in event.changed_settings.items():
                     self.settings[int(code)] = change.new_value

@@ -485,3 +485,120 @@ async def test_max_connections_per_client_counts_h2_connections(
     await within(first.closed)
     third = await h2proxy.client()
     assert (await third.get("/__clerk/v1/client")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connection_gets_goaway_at_the_idle_deadline(
+    h2proxy: H2Proxy, fapi: Any
+) -> None:
+    from twisted.internet.task import Clock
+
+    from clerkproxy._deadlines import Deadlines
+
+    clock = Clock()
+    site = h2proxy.proxy.site
+    site.idleDeadlines = Deadlines(clock, 60.0)
+    client = await h2proxy.client()
+    assert (await client.get("/__clerk/v1/client")).status == 200
+    clock.advance(59)
+    assert not client.closed.called
+    clock.advance(2)
+    await within(client.closed)
+    assert client.goaway == ErrorCodes.NO_ERROR
+    assert h2proxy.metrics.timeouts["idle"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_lets_open_streams_finish_then_closes(
+    h2proxy: H2Proxy, fapi: Any
+) -> None:
+    client = await h2proxy.client()
+    response = client.send("GET", "/__clerk/stall")
+    while not fapi.recorder.stalled:
+        await sleep(0.01)
+    site = h2proxy.proxy.site
+    site.drain()
+    while client.goaway is None:
+        await sleep(0.01)
+    assert client.goaway == ErrorCodes.NO_ERROR
+    assert not client.closed.called
+    [stalled] = fapi.recorder.stalled
+    stalled.write(b"late but whole")
+    stalled.finish()
+    await within(response.done)
+    assert response.status == 200 and response.ended, (response.reset, fapi.seen)
+    assert response.body == b"late but whole"
+    await within(client.closed)
+    for _ in range(500):
+        if not site.channels:
+            break
+        await sleep(0.01)
+    assert not site.channels
+
+
+@pytest_twisted.ensureDeferred
+async def test_resources_that_do_not_stream_ask_for_http11() -> None:
+    from twisted.web.resource import Resource
+
+    class Plain(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            return b"plain"
+
+    root = Resource()  # not a leaf: the tree is traversed
+    root.putChild(b"plain", Plain())
+    site = build_site(root, reactor, http2=HTTP2Settings(h2c=True))
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        client = await connect_h2(port.getHost().port, tls=False)
+        response = await client.get("/plain")
+        assert response.reset == ErrorCodes.HTTP_1_1_REQUIRED
+        client.transport.loseConnection()
+        await within(client.closed)
+    finally:
+        await port.stopListening()
+
+
+@pytest.mark.parametrize("kind", ["tls-cert", "sni"])
+@pytest_twisted.ensureDeferred
+async def test_the_cli_certificate_paths_offer_h2(
+    make_proxy: Callable[..., Any], fapi: Any, ca: trustme.CA, tmp_path: Any, kind: str
+) -> None:
+    """--tls-cert (ReloadableServerTLS) and the SNI/ACME context factory,
+    which answers ALPN itself, both negotiate h2 when HTTP/2 is on."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from clerkproxy._sni import SNIServerTLS
+    from clerkproxy._tls import ReloadableServerTLS
+
+    def site(resource: Any, clock: Any) -> Any:
+        return build_site(resource, clock, http2=HTTP2Settings())
+
+    proxy = make_proxy(site_factory=site)
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    certPath, keyPath = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certPath.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    keyPath.write_bytes(cert.private_key_pem.bytes())
+    if kind == "tls-cert":
+        tls: Any = ReloadableServerTLS(str(certPath), str(keyPath))
+    else:
+        tls = SNIServerTLS(tuple(proxy.site.acceptableProtocols()))
+        tls.install(
+            ["localhost"],
+            load_pem_private_key(cert.private_key_pem.bytes(), None),
+            [x509.load_pem_x509_certificate(b.bytes()) for b in cert.cert_chain_pems],
+        )
+    port = reactor.listenTCP(
+        0, TLSMemoryBIOFactory(tls, False, proxy.site), interface="127.0.0.1"
+    )
+    try:
+        client = await connect_h2(port.getHost().port, ca)
+        assert (await client.get("/__clerk/v1/client")).status == 200
+        assert client.transport.negotiatedProtocol == b"h2"
+        client.transport.loseConnection()
+        await within(client.closed)
+    finally:
+        await port.stopListening()

@@ -248,6 +248,34 @@ def test_write_buffered() -> None:
     assert compat.write_buffered(None) is None
 
 
+def test_write_now(monkeypatch: Any) -> None:
+    """Twisted's TLS transport holds small writes in _aggregator until a
+    callLater(0); write_now flushes what it holds and writes at once."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import optionsForClientTLS
+    from twisted.internet.task import Clock
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+    sent: list[bytes] = []
+    monkeypatch.setattr(
+        TLSMemoryBIOProtocol, "write", lambda self, data: sent.append(data)
+    )
+    clock = Clock()
+    factory = TLSMemoryBIOFactory(
+        optionsForClientTLS("example.com"),
+        True,
+        Factory.forProtocol(Protocol),
+        clock=clock,
+    )
+    transport = factory.buildProtocol(None)
+    transport.write(b"held ")
+    assert sent == [] and clock.getDelayedCalls()  # aggregated, flushed later
+    compat.write_now(transport, b"now")
+    assert sent == [b"held ", b"now"]
+    clock.advance(0)
+    assert sent == [b"held ", b"now"]
+
+
 def test_write_blocked() -> None:
     """HTTPChannel._waitingForTransport: set while its transport has paused
     it, whatever producer registers meanwhile."""
@@ -258,3 +286,52 @@ def test_write_blocked() -> None:
     assert compat.write_blocked(channel) is True
     channel.resumeProducing()
     assert compat.write_blocked(channel) is False
+
+
+def test_set_request_line() -> None:
+    """HTTPChannel._command, _path and _version are where Twisted's
+    allContentReceived reads the request line from (and deletes it)."""
+    seen: list[tuple[bytes, bytes, bytes]] = []
+
+    class Probe(http.Request):
+        def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+            seen.append((command, path, version))
+
+    channel = http.HTTPChannel()
+    channel.requestFactory = Probe  # type: ignore[assignment]
+    channel.makeConnection(StringTransport())
+    channel.requests.append(Probe(channel))
+    compat.set_request_line(channel, b"GET", b"/p", b"HTTP/1.1")
+    assert compat.request_line(channel) == (b"GET", b"/p", b"HTTP/1.1")
+    channel.allContentReceived()
+    assert seen == [(b"GET", b"/p", b"HTTP/1.1")]
+    assert not hasattr(channel, "_command")
+
+
+def test_start_head_and_end_head() -> None:
+    """LineReceiver's line_mode, _buffer, _busyReceiving and paused, and
+    HTTPChannel's _handlingRequest and _transferDecoder: a channel takes a
+    head from its first byte only when all say it waits for one, and
+    while _busyReceiving is set, dataReceived only appends to _buffer."""
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    assert compat.start_head(channel)
+    assert not compat.start_head(channel)  # already delivering
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert channel.requests == []  # held, not parsed
+    assert compat.end_head(channel) == b"GET / HTTP/1.1\r\n"
+    assert channel._buffer == b"" and not channel._busyReceiving
+
+    channel.dataReceived(b"GET / HTTP/1.1\r\nX")  # half a head: buffered
+    assert channel._buffer == b"X" and not compat.start_head(channel)
+    channel.dataReceived(b": y\r\nContent-Length: 3\r\n\r\n")
+    assert not channel.line_mode and not compat.start_head(channel)  # a body
+    channel.dataReceived(b"abc")
+    assert channel._handlingRequest and not compat.start_head(channel)
+
+    for state in ("paused", "_handlingRequest", "_transferDecoder"):
+        channel = http.HTTPChannel()
+        channel.makeConnection(StringTransport())
+        assert channel.line_mode and not getattr(channel, state)
+        setattr(channel, state, True)
+        assert not compat.start_head(channel), state

@@ -13,13 +13,19 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import implementer
 
 from ._interfaces import IStreamingChannel, IStreamingRequest
 from ._twisted_compat import (
     ChunkedTransferDecoder,
+    encode_header_name,
+    end_head,
+    headers_from_raw,
     replace_chunked_decoder,
     request_version,
+    set_request_line,
+    start_head,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +58,19 @@ _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
     rb"(?::[0-9]*)?\Z"
 ).match
+
+# What the one-pass head parser takes on its own (anything else goes
+# through Twisted's line-by-line path, which answers it as it always has):
+# a request line Twisted's _parseRequestLine accepts, with a target of
+# visible ASCII (Twisted also takes bytes 0x7F to 0xB0); header lines that
+# are a token, a colon, and a value of HTAB, visible ASCII or obs-text,
+# which are the lines Twisted's headerReceived and our lineReceived accept
+# (no obs-fold, no whitespace before the colon, no control byte).
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_REQUEST_LINE = re.compile(_TCHAR + rb"+ [\x21-\x7e]+ HTTP/1\.[01]").fullmatch
+_FIELD_LINES = re.compile(
+    rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*"
+).fullmatch
 
 # Where a connection is between requests; each phase has its own deadline.
 _HEAD, _BUSY, _IDLE = range(3)
@@ -258,7 +277,96 @@ class StreamingChannel(HTTPChannel):
             site = self.site
             site.idleDeadlines.remove(self)
             site.headerDeadlines.add(self)
+        if self._lines == 0 and self.persistent and self._headInOnePass(data):
+            return
         HTTPChannel.dataReceived(self, data)
+
+    def _headInOnePass(self, data: bytes) -> bool:
+        """
+        Read a request head that C{data} holds in full, from its first
+        byte, in one pass: split it at the blank line, check every line at
+        once, and build the request once, instead of a callback per line.
+
+        It takes only heads that Twisted's line-by-line path and our
+        checks in L{lineReceived} would accept as they are, and leaves the
+        channel exactly as that path would: the request and its headers,
+        the request line, the body decoder, then L{allHeadersReceived}
+        (Host, admission, persistence, C{Expect}, C{gotLength}) and the
+        body or the next request from the bytes that follow.  Anything
+        else (a head in pieces, a refusal, a rare form such as several
+        C{Content-Length} lines) returns false having changed nothing, and
+        goes the usual way.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > self._maxHead:
+            return False
+        lineEnd = data.find(b"\r\n")
+        if lineEnd == 0 or lineEnd > self._maxRequestLine:
+            return False
+        requestLine = data[:lineEnd]
+        if _REQUEST_LINE(requestLine) is None:
+            return False
+        fields = data[lineEnd + 2 : end + 2]
+        if fields and _FIELD_LINES(fields) is None:
+            return False
+        lines = fields.split(b"\r\n")
+        lines.pop()  # after the last CRLF
+        if len(lines) > MAX_HEADER_LINES:
+            return False
+        raw: dict[bytes, list[bytes]] = {}
+        encode = encode_header_name
+        for line in lines:
+            name, _, value = line.partition(b":")
+            name = encode(name)
+            value = value.strip(b" \t")
+            values = raw.get(name)
+            if values is None:
+                raw[name] = [value]
+            else:
+                values.append(value)
+        method, target, version = requestLine.split(b" ")
+        framing: bytes | None = None
+        lengths = raw.get(b"Content-Length")
+        codings = raw.get(b"Transfer-Encoding")
+        if lengths is not None:
+            if codings is not None or len(lengths) != 1 or not lengths[0].isdigit():
+                return False
+            framing = b"Content-Length"
+        elif codings is not None:
+            if (
+                len(codings) != 1
+                or codings[0].lower() != b"chunked"
+                or version != b"HTTP/1.1"
+            ):
+                return False
+            framing = b"Transfer-Encoding"
+        transport: Any = self.transport
+        if transport is None or transport.disconnecting or not start_head(self):
+            return False
+        try:
+            self.resetTimeout()  # type: ignore[no-untyped-call]
+            self._lines = len(lines) + 2
+            self._headBytes = end + 4
+            factory: Any = self.requestFactory
+            if INonQueuedRequestFactory.providedBy(factory):
+                request = factory(self)
+            else:
+                request = factory(self, len(self.requests))
+            self.requests.append(request)
+            set_request_line(self, method, target, version)
+            request.requestHeaders = headers_from_raw(raw)
+            if framing is not None:
+                self._maybeChooseTransferDecoder(framing, raw[framing][0])
+            self.allHeadersReceived()
+            if self.length == 0:
+                self.allContentReceived()
+            else:
+                self.setRawMode()  # type: ignore[no-untyped-call]
+        finally:
+            rest = data[end + 4 :] + end_head(self)
+        if rest and not transport.disconnecting:
+            HTTPChannel.dataReceived(self, rest)
+        return True
 
     def lineReceived(self, line: bytes) -> None:
         if self._discarding:

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._reader import DATA, HEAD, NEED_DATA, ResponseReader, UpstreamProtocolError
+from ._twisted_compat import write_now
 
 __all__ = ["IExchange", "UpstreamConnection", "UpstreamProtocolError"]
 
@@ -222,7 +223,11 @@ class UpstreamConnection(TwistedProtocol):
         self._paced = False
         self._state = AWAITING_HEAD if body is None else SENDING
         transport: Any = self.transport
-        transport.write(head)
+        if body is None:
+            # The whole request: send it now, not on the next reactor turn.
+            write_now(transport, head)
+        else:
+            transport.write(head)
         if producer is not None and body is not None:
             self._producing = True
             transport.registerProducer(producer, True)

@@ -45,6 +45,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
@@ -331,7 +332,8 @@ class H2Request:
         self.responseHeaders = Headers()
         self.args: dict[bytes, list[bytes]] = {}
         self.prepath: list[bytes] = []
-        self.postpath: list[bytes] = list(map(unquote, self.path[1:].split(b"/")))
+        #: Filled in only for a resource tree to traverse (see _start).
+        self.postpath: list[bytes] = []
         self._onLost: Callable[[], object] | None = None
         self._notifications: list[Deferred[None]] = []
         self._producer: IPushProducer | None = None
@@ -400,7 +402,10 @@ class H2Request:
             return
         if not self.startedWriting:
             self.startedWriting = True
-            stream.connection._sendHeaders(stream, self._headerList(), False)
+            # The body's first bytes follow in the same write.
+            stream.connection._sendHeaders(
+                stream, self._headerList(), False, flush=not data
+            )
         if data and self._bodyAllowed():
             self.sentLength += len(data)
             stream.connection._sendData(stream, data)
@@ -476,6 +481,7 @@ class H2Connection(Protocol):
 
     secure = False
     _client: bytes | None = None
+    _inRead = False
 
     def __init__(self, site: StreamingSite, settings: HTTP2Settings) -> None:
         self._site = site
@@ -574,8 +580,14 @@ class H2Connection(Protocol):
         if self._closed or self._goingAway:
             return
         self._goingAway = True
-        self._conn.close_connection(ErrorCodes.NO_ERROR)
-        self._flush()
+        # h2's own close_connection would refuse to send anything more, on
+        # the streams already open too: write the GOAWAY frame ourselves.
+        self._flush(now=True)
+        frame = GoAwayFrame(
+            0, last_stream_id=self._conn.highest_inbound_stream_id, error_code=0
+        )
+        transport: Any = self.transport
+        transport.write(frame.serialize())
         if not self._streams:
             self._close()
 
@@ -584,11 +596,15 @@ class H2Connection(Protocol):
         if self._closed:
             return
         if self._prefaced:
+            self._site.metrics.timedOut("idle")
             self._conn.close_connection(ErrorCodes.NO_ERROR)
-            self._flush()
+            self._flush(now=True)
+        else:
+            self._site.metrics.timedOut("header")
         self._close()
 
     def _close(self) -> None:
+        self._flush(now=True)
         self._closed = True
         transport: Any = self.transport
         # A transport with a producer registered waits for it to go away
@@ -614,7 +630,7 @@ class H2Connection(Protocol):
         _log.info("HTTP/2 connection refused: {kind}", kind=kind)
         if goAway:
             self._conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        self._flush()
+        self._flush(now=True)
         self._close()
         reason = Failure(ConnectionLost(f"HTTP/2 connection refused: {kind}"))
         for stream in list(self._streams.values()):
@@ -635,6 +651,16 @@ class H2Connection(Protocol):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        # Whatever the frames of one read make us send goes out in one write
+        # (one TLS record), not one per frame.
+        self._inRead = True
+        try:
+            self._read(data)
+        finally:
+            self._inRead = False
+            self._flush()
+
+    def _read(self, data: bytes) -> None:
         if self._closed:
             return
         buf = self._inbuf + data if self._inbuf else data
@@ -687,7 +713,6 @@ class H2Connection(Protocol):
         self._inbuf = buf[pos:]
         if self._feed(buf[fed:pos]):
             self._startPending()
-            self._flush()
 
     def _checkHeaderBlock(self, kind: int, length: int, flags: int) -> bool:
         if kind == _HEADERS:
@@ -835,7 +860,13 @@ class H2Connection(Protocol):
         else:
             length = stream.expected
         try:
-            resource = site.getResourceFor(request)  # type: ignore[no-untyped-call]
+            resource = site.resource
+            if resource.isLeaf:
+                # The proxy's own roots: nothing to traverse.
+                request.site = site  # type: ignore[attr-defined]
+            else:
+                request.postpath = list(map(unquote, request.path[1:].split(b"/")))
+                resource = site.getResourceFor(request)  # type: ignore[no-untyped-call]
             if not IStreamingResource.providedBy(resource):
                 # Only streaming resources are served over HTTP/2; this
                 # tells the browser to ask again over HTTP/1.1.
@@ -924,22 +955,35 @@ class H2Connection(Protocol):
 
     # -- output -----------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, now: bool = False) -> None:
+        """Write what h2 has for the client; within a read, at its end."""
+        if self._inRead and not now:
+            return
         data = self._conn.data_to_send()
         if data:
             transport: Any = self.transport
             transport.write(data)
 
     def _sendHeaders(
-        self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end: bool
+        self,
+        stream: H2Stream,
+        headers: list[tuple[bytes, bytes]],
+        end: bool,
+        flush: bool = True,
     ) -> None:
         if stream.state == _CLOSED:
             return
-        self._conn.send_headers(stream.streamID, headers, end_stream=end)
+        try:
+            self._conn.send_headers(stream.streamID, headers, end_stream=end)
+        except h2.exceptions.ProtocolError:
+            # The stream or the connection can take no more (a GOAWAY came).
+            self._forget(stream, Failure(ConnectionLost("stream closed")))
+            return
         if end:
             stream.outEnd = stream.responseEnded = True
             self._maybeDone(stream)
-        self._flush()
+        if flush:
+            self._flush()
 
     def _sendData(self, stream: H2Stream, data: bytes) -> None:
         if stream.state == _CLOSED:
@@ -1000,7 +1044,7 @@ class H2Connection(Protocol):
             if stream.outEnd and not queue and not stream.responseEnded:
                 conn.end_stream(streamID)
                 stream.responseEnded = True
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             self._forget(stream, Failure(ConnectionLost("stream closed")))
             self._flush()
             return
@@ -1073,7 +1117,7 @@ class H2Connection(Protocol):
             request._lost(reason)
         if not streams and not self._closed:
             if self._goingAway:
-                self._flush()
+                self._flush(now=True)
                 self._close()
             elif self._prefaced:
                 self._site.idleDeadlines.add(self)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
 
@@ -31,14 +32,18 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "clear_tls_options",
     "encode_header_name",
+    "end_head",
     "headers_from_raw",
     "parse_endpoint_description",
     "raise_synchronously",
     "replace_chunked_decoder",
     "request_line",
     "request_version",
+    "set_request_line",
+    "start_head",
     "write_blocked",
     "write_buffered",
+    "write_now",
 ]
 
 #: Private methods of C{twisted.web.http.HTTPChannel} that
@@ -101,6 +106,54 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes]:
     return channel._command, channel._path, channel._version
 
 
+def set_request_line(
+    channel: Any, method: bytes, target: bytes, version: bytes
+) -> None:
+    """
+    Store a request line on C{channel} (an C{HTTPChannel}) where its own
+    C{lineReceived} would have (C{_command}, C{_path}, C{_version}).
+    """
+    channel._command = method
+    channel._path = target
+    channel._version = version
+
+
+def start_head(channel: Any) -> bool:
+    """
+    If C{channel} (an C{HTTPChannel}) waits for the first line of a request
+    head with nothing half-read, enter the state its C{LineReceiver} is in
+    while it delivers lines, and return true: bytes received meanwhile are
+    held (in C{_buffer}) rather than parsed, until L{end_head}.
+
+    That is: in line mode (C{line_mode}), nothing buffered (C{_buffer}),
+    not already delivering (C{_busyReceiving}), not paused (C{paused}), no
+    request being handled (C{_handlingRequest}) and no body decoder chosen
+    (C{_transferDecoder}).
+    """
+    if (
+        channel.line_mode
+        and not channel._buffer
+        and not channel._busyReceiving
+        and not channel.paused
+        and not channel._handlingRequest
+        and channel._transferDecoder is None
+    ):
+        channel._busyReceiving = True
+        return True
+    return False
+
+
+def end_head(channel: Any) -> bytes:
+    """
+    Leave the state L{start_head} entered; return (and forget) the bytes
+    C{channel} held meanwhile.
+    """
+    channel._busyReceiving = False
+    held: bytes = channel._buffer
+    channel._buffer = b""
+    return held
+
+
 def request_version(channel: Any) -> bytes:
     """The HTTP version of the request C{channel} is reading (C{_version})."""
     version: bytes = channel._version
@@ -153,6 +206,21 @@ def write_buffered(transport: object) -> int | None:
         if transport is None:
             return None
     return None
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} through C{transport} at once.  Twisted's TLS transport
+    (C{BufferingTLSTransport}) otherwise holds small writes until the next
+    reactor turn (C{_aggregator}, flushed by a C{callLater(0)}); whatever
+    it holds goes first, so the order of bytes is kept.
+    """
+    aggregator = getattr(transport, "_aggregator", None)
+    if aggregator is None or not isinstance(transport, TLSMemoryBIOProtocol):
+        transport.write(data)
+        return
+    aggregator.flush()
+    TLSMemoryBIOProtocol.write(transport, data)
 
 
 def write_blocked(channel: Any) -> bool:
