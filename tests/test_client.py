@@ -388,3 +388,22 @@ def test_closed_fires_when_the_connection_is_gone() -> None:
     conn.connectionLost(Failure(ConnectionDone()))
     assert done.called and owner.calls == ["lost"]
     assert conn.closed().called
+
+
+def test_a_streamed_request_body_reports_relaying_once() -> None:
+    conn, transport, owner = connection()
+    recorder = Recorder()
+    conn.send(recorder, b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n", False, 10)
+    conn.pacedByClient()
+    conn.pacedByClient()
+    assert owner.calls == ["relaying"]  # out of the cap, once
+    conn.writeBody(b"abc")
+    # An early answer whose body spans reads: still reported only once.
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    assert owner.calls == ["relaying"]
+    # Nothing streams on a bodiless request: only its relay is reported.
+    conn2, _, owner2 = connection()
+    conn2.send(recorder, HEAD, False, None)
+    conn2.pacedByClient()  # nothing streams: ignored
+    conn2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    assert owner2.calls == ["relaying"]

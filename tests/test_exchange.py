@@ -26,11 +26,16 @@ CONFIG = ProxyConfig(
 )
 
 
+#: A request whose body is larger than the exchange's hold (64 KiB), so
+#: that it streams; the tests send its first 70,000 bytes at once.
+BIG_POST = b"POST /__clerk/v1/me HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+
+
 class Rig:
-    def __init__(self, **overrides: Any) -> None:
+    def __init__(self, poolSize: int = 256, **overrides: Any) -> None:
         self.clock = MemoryReactorClock()
         self.endpoint = FakeEndpoint()
-        self.pool = UpstreamPool(self.clock, self.endpoint)
+        self.pool = UpstreamPool(self.clock, self.endpoint, maxConnections=poolSize)
         config = ProxyConfig(
             **{
                 **{
@@ -57,11 +62,11 @@ def test_upload_pauses_the_client_while_fapi_is_full() -> None:
     client, client_transport = rig.client()
     client.dataReceived(
         b"POST /__clerk/v1/me HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n"
-        + b"a" * 1000
+        + b"a" * 70000  # more than the hold: the body streams
     )
     upstream, upstream_transport = rig.endpoint.complete()
     assert b"POST /v1/me HTTP/1.1" in upstream_transport.value()
-    assert upstream_transport.value().endswith(b"a" * 1000)
+    assert upstream_transport.value().endswith(b"a" * 70000)
     body_producer = upstream_transport.producer
     assert body_producer is not None
     body_producer.pauseProducing()  # FAPI's socket is full
@@ -186,9 +191,7 @@ def test_a_big_answer_after_the_client_left_is_cut_off() -> None:
 def test_a_client_leaving_mid_upload_ends_the_upstream_request() -> None:
     rig = Rig()
     client, _ = rig.client()
-    client.dataReceived(
-        b"POST /__clerk/v1/me HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
-    )
+    client.dataReceived(BIG_POST + b"x" * 70000)
     upstream, upstream_transport = rig.endpoint.complete()
     client.connectionLost(Failure(ConnectionDone()))
     assert upstream_transport.disconnecting
@@ -264,19 +267,39 @@ def test_a_get_walks_connecting_awaiting_relaying_done(
     assert seen == ["awaiting", "relaying", "done"]
 
 
-def test_an_upload_walks_through_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_small_upload_walks_receiving_connecting_awaiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clerkproxy._exchange import Phase
+
     seen = record_phases(monkeypatch)
     rig = Rig()
     client, client_transport = rig.client()
     client.dataReceived(
         b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc"
     )
-    upstream, upstream_transport = rig.endpoint.complete()
-    assert seen == ["sending"]
+    assert seen == [] and rig.endpoint.attempts == []  # still RECEIVING
     client.dataReceived(b"def")
-    assert upstream_transport.value().endswith(b"abcdef")
+    assert seen == ["connecting"]
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert upstream_transport.value().endswith(b"\r\n\r\nabcdef")
     upstream.dataReceived(RESPONSE)
-    assert seen == ["sending", "awaiting", "relaying", "done"]
+    assert seen == ["connecting", "awaiting", "relaying", "done"]
+    assert Phase.RECEIVING.value == "receiving"
+
+
+def test_a_large_upload_walks_through_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_phases(monkeypatch)
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(BIG_POST + b"a" * 70000)
+    assert seen == ["connecting"]
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert seen == ["connecting", "sending"]
+    client.dataReceived(b"b" * 30000)
+    assert upstream_transport.value().endswith(b"a" * 70000 + b"b" * 30000)
+    upstream.dataReceived(RESPONSE)
+    assert seen == ["connecting", "sending", "awaiting", "relaying", "done"]
 
 
 def test_a_client_leaving_while_fapi_thinks_orphans_the_exchange(
@@ -339,9 +362,7 @@ def test_the_504_comes_exactly_at_the_upstream_timeout() -> None:
 def test_a_stalled_body_gets_a_408_and_fapi_hears_no_more() -> None:
     rig = Rig(upstream_timeout=100.0)
     client, client_transport = rig.client()
-    client.dataReceived(
-        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
-    )
+    client.dataReceived(BIG_POST + b"x" * 70000)
     upstream, upstream_transport = rig.endpoint.complete()
     rig.clock.advance(29.0)
     client.dataReceived(b"d")  # progress: the body deadline starts again
@@ -357,7 +378,7 @@ def test_a_stalled_body_gets_a_408_and_fapi_hears_no_more() -> None:
     assert rig.proxy.metrics.upstreamErrors == {}
 
 
-def test_a_stalled_body_while_connecting_gets_a_408() -> None:
+def test_a_stalled_small_body_gets_a_408_and_fapi_hears_nothing() -> None:
     rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
     client, client_transport = rig.client()
     client.dataReceived(
@@ -365,6 +386,20 @@ def test_a_stalled_body_while_connecting_gets_a_408() -> None:
     )
     rig.clock.advance(5.0)
     assert client_transport.value().startswith(b"HTTP/1.1 408 ")
+    assert rig.endpoint.attempts == []  # no connection was ever taken
+    assert rig.proxy.metrics.timeouts["body"] == 1
+
+
+def test_a_stalled_body_while_connecting_gets_no_408() -> None:
+    # The hold is full and the client paused by us: the wait is for the
+    # pool and FAPI, so the upstream deadline covers it, not the body one.
+    rig = Rig(upstream_timeout=7.0, body_timeout=5.0)
+    client, client_transport = rig.client()
+    client.dataReceived(BIG_POST + b"x" * 70000)
+    rig.clock.advance(6.9)
+    assert client_transport.value() == b""
+    rig.clock.advance(0.1)
+    assert client_transport.value().startswith(b"HTTP/1.1 504 ")
     # The request that asked for it is gone: the connection goes unused.
     upstream, upstream_transport = rig.endpoint.complete()
     assert upstream_transport.value() == b""
@@ -373,9 +408,7 @@ def test_a_stalled_body_while_connecting_gets_a_408() -> None:
 def test_the_body_deadline_stops_while_fapi_holds_the_upload_back() -> None:
     rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
     client, client_transport = rig.client()
-    client.dataReceived(
-        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
-    )
+    client.dataReceived(BIG_POST + b"x" * 70000)
     upstream, upstream_transport = rig.endpoint.complete()
     upstream_transport.producer.pauseProducing()  # FAPI's socket is full
     rig.clock.advance(50.0)
@@ -406,13 +439,11 @@ def test_the_body_deadline_stops_while_the_hold_is_full() -> None:
 def test_fapi_answering_early_ends_the_upload() -> None:
     rig = Rig(upstream_timeout=100.0, body_timeout=5.0)
     client, client_transport = rig.client()
-    client.dataReceived(
-        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
-    )
+    client.dataReceived(BIG_POST + b"x" * 70000)
     upstream, upstream_transport = rig.endpoint.complete()
     upstream.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n")
     client.dataReceived(b"def")  # no longer relayed
-    assert upstream_transport.value().endswith(b"abc")
+    assert upstream_transport.value().endswith(b"x" * 70000)
     rig.clock.advance(50.0)  # no body deadline: nothing more is awaited
     upstream.dataReceived(b"no")
     out = client_transport.value()
@@ -671,3 +702,162 @@ def test_a_pipelined_answer_to_a_full_client_starts_paused() -> None:
     rig.clock.advance(60.0)
     assert socket.aborted
     assert rig.proxy.metrics.timeouts["send"] == 1
+
+
+# -- the hold: a request body takes no connection until it is whole -----------
+
+
+def test_a_trickled_small_body_takes_no_connection_and_no_upstream_deadline() -> None:
+    rig = Rig(upstream_timeout=7.0, body_timeout=30.0)
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    for byte in b"defghi":
+        rig.clock.advance(20.0)  # within the body deadline, far past upstream's
+        client.dataReceived(bytes([byte]))
+    assert rig.clock.seconds() == 120.0
+    assert client_transport.value() == b""
+    assert rig.endpoint.attempts == []  # no slot held while the client sends
+    assert rig.pool.counts() == dict.fromkeys(
+        ("connecting", "busy", "relaying", "idle", "queued"), 0
+    )
+    client.dataReceived(b"j")  # the body is complete: now FAPI's turn
+    assert len(rig.endpoint.attempts) == 1
+    rig.clock.advance(6.9)
+    assert client_transport.value() == b""
+    rig.clock.advance(0.1)  # the upstream deadline started with the connect
+    assert client_transport.value().startswith(b"HTTP/1.1 504 ")
+    assert rig.proxy.metrics.timeouts["upstream"] == 1
+    assert rig.proxy.metrics.timeouts["body"] == 0
+
+
+def test_a_whole_small_body_goes_to_fapi_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[bytes] = []
+    write = StringTransport.write
+
+    def recording(self: StringTransport, data: bytes) -> None:
+        writes.append(data)
+        write(self, data)
+
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc"
+    )
+    client.dataReceived(b"def")
+    monkeypatch.setattr(StringTransport, "write", recording)
+    upstream, upstream_transport = rig.endpoint.complete()
+    [request] = writes
+    assert request.startswith(b"POST /v1/x HTTP/1.1\r\n")
+    assert request.endswith(b"Content-Length: 6\r\n\r\nabcdef")
+    assert upstream_transport.producer is None  # nothing left to stream
+    monkeypatch.undo()
+    upstream.dataReceived(RESPONSE)
+    assert client_transport.value().endswith(b"ok")
+    assert rig.pool.idleConnections == 1
+
+
+def test_a_whole_small_chunked_body_goes_in_one_write_still_chunked() -> None:
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n"
+    )
+    assert rig.endpoint.attempts == []
+    client.dataReceived(b"3\r\ndef\r\n0\r\n\r\n")
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert upstream_transport.value().endswith(
+        b"Transfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n0\r\n\r\n"
+    )
+    upstream.dataReceived(RESPONSE)
+    assert client_transport.value().endswith(b"ok")
+
+
+def test_an_empty_chunked_body_ends_in_the_same_write() -> None:
+    rig = Rig()
+    client, client_transport = rig.client()
+    client.dataReceived(
+        b"POST /__clerk/v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n"
+    )
+    upstream, upstream_transport = rig.endpoint.complete()
+    assert upstream_transport.value().endswith(
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+
+
+def test_the_upstream_deadline_starts_when_the_hold_fills() -> None:
+    rig = Rig(upstream_timeout=7.0, body_timeout=30.0)
+    client, client_transport = rig.client()
+    client.dataReceived(BIG_POST + b"x" * 30000)
+    rig.clock.advance(20.0)
+    assert rig.endpoint.attempts == []
+    client.dataReceived(b"x" * 40000)  # past 64 KiB: connect, pause the client
+    assert len(rig.endpoint.attempts) == 1
+    assert client_transport.producerState == "paused"
+    rig.clock.advance(6.9)
+    assert client_transport.value() == b""
+    rig.clock.advance(0.1)
+    assert client_transport.value().startswith(b"HTTP/1.1 504 ")
+
+
+def test_a_streamed_upload_leaves_the_pools_cap() -> None:
+    rig = Rig(poolSize=1)
+    uploader, _ = rig.client()
+    uploader.dataReceived(BIG_POST + b"x" * 70000)
+    upload, _ = rig.endpoint.complete()
+    # The client paces the rest of the body: the connection left the cap ...
+    assert rig.pool.relayingConnections == 1 and rig.pool.busyConnections == 0
+    # ... so an ordinary request gets a connection of its own at once.
+    client, client_transport = rig.client()
+    client.dataReceived(GET)
+    assert len(rig.endpoint.attempts) == 2  # a new attempt, started at once
+    upstream, _ = rig.endpoint.complete()
+    upstream.dataReceived(RESPONSE)
+    assert client_transport.value().endswith(b"ok")
+    # The upload ends cleanly: its connection goes back only if the cap
+    # allows (the ordinary one is idle already, so it is closed).
+    uploader.dataReceived(b"x" * 30000)
+    upload.dataReceived(RESPONSE)
+    assert rig.pool.relayingConnections == 0 and rig.pool.idleConnections == 1
+
+
+def test_a_slowly_streamed_upload_is_paced_by_the_body_deadline_only() -> None:
+    rig = Rig(upstream_timeout=7.0, body_timeout=30.0)
+    client, client_transport = rig.client()
+    client.dataReceived(BIG_POST + b"x" * 70000)
+    upstream, upstream_transport = rig.endpoint.complete()
+    for _ in range(29):
+        rig.clock.advance(20.0)  # a byte every 20 s: slow, but moving
+        client.dataReceived(b"x" * 1000)
+    assert client_transport.value() == b""
+    client.dataReceived(b"x" * 1000)  # the body is complete: FAPI's turn
+    assert upstream_transport.value().endswith(b"x" * 1000)
+    rig.clock.advance(6.9)
+    assert client_transport.value() == b""
+    rig.clock.advance(0.1)
+    assert client_transport.value().startswith(b"HTTP/1.1 504 ")
+    assert rig.proxy.metrics.timeouts["body"] == 0
+
+
+def test_fapi_holding_a_streamed_upload_back_is_on_the_upstream_deadline() -> None:
+    rig = Rig(upstream_timeout=7.0, body_timeout=30.0)
+    client, client_transport = rig.client()
+    client.dataReceived(BIG_POST + b"x" * 70000)
+    upstream, upstream_transport = rig.endpoint.complete()
+    rig.clock.advance(20.0)  # the client's turn: no upstream deadline
+    upstream_transport.producer.pauseProducing()  # FAPI stops reading
+    assert client_transport.producerState == "paused"
+    rig.clock.advance(6.9)
+    upstream_transport.producer.resumeProducing()  # ... and reads again
+    rig.clock.advance(20.0)
+    upstream_transport.producer.pauseProducing()
+    rig.clock.advance(6.9)
+    assert client_transport.value() == b""
+    rig.clock.advance(0.1)
+    assert client_transport.value().startswith(b"HTTP/1.1 504 ")
+    assert upstream_transport.disconnecting

@@ -30,8 +30,12 @@ from clerkproxy._twisted_compat import request_line
 from clerkproxy._upstream import UpstreamPool, fapi_endpoint
 
 GET = b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\n\r\n"
+# A POST whose body stops once the exchange's hold (64 KiB) is full: the
+# exchange then queues for a connection, and FAPI would wait for the rest.
+# (A smaller body that stops takes no connection at all.)
 STALLED_POST = (
-    b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"
+    b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+    + b"x" * 65536
 )
 
 
@@ -98,7 +102,7 @@ def test_queued_clients_that_leave_while_their_connections_are_made(
     first = [proxy.client(GET) for _ in range(256)]
     busy = [endpoint.complete(i) for i in range(256)]
     assert pool.busyConnections == 256
-    # ... and 256 more queue a POST whose body never comes.
+    # ... and 256 more queue a POST whose body never comes in full.
     queued = [proxy.client(STALLED_POST) for _ in range(256)]
     assert pool.queuedRequests == 256 and len(endpoint.attempts) == 256
     # FAPI closes the busy connections; new connects stall.
@@ -255,12 +259,10 @@ async def test_queued_clients_leaving_on_loopback(
     for client in busy:
         client.transport.write(b"GET /__clerk/stall HTTP/1.1\r\nHost: a\r\n\r\n")
     await until(lambda: len(stalled) == size, "FAPI holds the first requests")
-    # ... and as many queue a POST whose body never comes.
+    # ... and as many queue a POST whose body never comes in full.
     queued = [await connect_raw(proxy.port) for _ in range(size)]
     for client in queued:
-        client.transport.write(
-            b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"
-        )
+        client.transport.write(STALLED_POST)
     await until(lambda: pool.queuedRequests == size, "the rest queue")
     # FAPI closes the busy connections while new connects stall ...
     gate.shut = True

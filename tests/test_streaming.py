@@ -130,14 +130,36 @@ async def test_upload_reaches_fapi_before_the_client_finishes(
 
 @pytest_twisted.ensureDeferred
 async def test_chunked_upload_streams_as_chunked(proxy: Any, fapi: Any) -> None:
+    first = b"a" * 70000  # more than the exchange holds: the body streams
+    client = await connect_raw(proxy.port)
+    client.transport.write(
+        b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(first), first)
+    )
+    for _ in range(500):
+        if fapi.recorder.firstBodyBytes is not None:
+            break
+        await sleep(0.01)
+    got = await within(fapi.recorder.firstBodyBytes)
+    assert got and set(got) == {ord("a")}
+    client.transport.write(b"6\r\n world\r\n0\r\n\r\n")
+    status, _, body = parse_response(await within(client.closed))
+    assert status == 200
+    assert fapi.seen[-1]["body_length"] == len(first) + 6
+    assert fapi.header("Transfer-Encoding") == ["chunked"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_chunked_body_goes_whole_and_chunked(
+    proxy: Any, fapi: Any
+) -> None:
     client = await connect_raw(proxy.port)
     client.transport.write(
         b"POST /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
     )
-    while fapi.recorder.firstBodyBytes is None:
-        await sleep(0.01)
-    assert await within(fapi.recorder.firstBodyBytes) == b"hello"
+    await sleep(0.2)
+    assert fapi.seen == [] and fapi.recorder.connections == 0  # held, no slot
     client.transport.write(b"6\r\n world\r\n0\r\n\r\n")
     status, _, body = parse_response(await within(client.closed))
     assert status == 200
@@ -405,3 +427,38 @@ async def test_a_client_that_stops_reading_is_cut_at_the_send_timeout(
             break
         await sleep(0.02)
     assert proxy.resource.upstream.openConnections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_uploaders_do_not_delay_an_ordinary_request(
+    make_proxy: Any, fapi: Any
+) -> None:
+    """
+    Twenty clients trickle small bodies through a pool of two.  They hold
+    no upstream connection while they send, so an ordinary request goes
+    straight through (it would wait behind them and get a 504 if each
+    upload took a pool slot at its head).
+    """
+    proxy = make_proxy(pool_size=2, upstream_timeout=3.0)
+    uploaders = [await connect_raw(proxy.port) for _ in range(20)]
+    for client in uploaders:
+        client.transport.write(
+            b"POST /__clerk/v1/client/sign_ins HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 100\r\n\r\na"
+        )
+    await sleep(0.2)
+    for client in uploaders:
+        client.transport.write(b"b")  # still trickling
+    data = await raw_request(
+        proxy.port,
+        b"GET /__clerk/v1/client HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        seconds=10,
+    )
+    assert parse_response(data)[0] == 200
+    assert [r["method"] for r in fapi.seen] == ["GET"]
+    pool = proxy.resource.upstream
+    assert pool.openConnections == 1 and pool.queuedRequests == 0
+    assert all(client.received == b"" for client in uploaders)
+    for client in uploaders:
+        client.transport.abortConnection()

@@ -121,6 +121,9 @@ class UpstreamConnection(TwistedProtocol):
        C{onRelaying}.  (Most answers arrive whole in one read: they go
        from waiting straight back to idle as far as the owner can tell,
        and a queued request can take the connection itself.)
+     - C{SENDING}, no change of state: L{pacedByClient}, the exchange
+       streams a request body at its client's pace; C{onRelaying}.
+       Either way the owner hears C{onRelaying} at most once a request.
      - C{AWAITING_HEAD} or C{RELAYING} -> C{IDLE}: the response ended and
        the connection can take another request (FAPI keeps it alive, and
        no byte beyond the response arrived); C{onIdle}, then
@@ -159,8 +162,11 @@ class UpstreamConnection(TwistedProtocol):
         """
         @param onIdle: Called when the connection can take another request.
         @param onLost: Called once, when the transport is gone.
-        @param onRelaying: Called once a response body turns out to span
-            more than one read (the connection leaves its pool's cap).
+        @param onRelaying: Called once the rest of a request's exchange is
+            paced by a client rather than by FAPI: a response body turns
+            out to span more than one read, or a request body streams from
+            the client (L{pacedByClient}).  The connection leaves its
+            pool's cap.  At most once a request.
         """
         self._onIdle = onIdle
         self._onLost = onLost
@@ -170,6 +176,7 @@ class UpstreamConnection(TwistedProtocol):
         self._reader = ResponseReader()
         self._chunked = False
         self._producing = False
+        self._paced = False
         self._closedWaiters: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
@@ -213,6 +220,7 @@ class UpstreamConnection(TwistedProtocol):
         self._exchange = exchange
         self._reader.start(isHead)
         self._chunked = body == -1
+        self._paced = False
         self._state = AWAITING_HEAD if body is None else SENDING
         transport: Any = self.transport
         if body is None:
@@ -233,6 +241,15 @@ class UpstreamConnection(TwistedProtocol):
             transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
             transport.write(data)
+
+    def pacedByClient(self) -> None:
+        """
+        The request body streams from here at its client's pace: tell the
+        owner (C{onRelaying}), as for a response body relayed to a client.
+        """
+        if not self._paced and self._state in _UPLOADING:
+            self._paced = True
+            self._onRelaying(self)
 
     def endBody(self) -> None:
         """The request body is complete."""
@@ -321,8 +338,9 @@ class UpstreamConnection(TwistedProtocol):
                 exchange: Any = self._exchange
                 exchange.responseData(reader.data)
             elif event is NEED_DATA:
-                if relayStarted:
+                if relayStarted and not self._paced:
                     # The body outlasts the read that brought the head.
+                    self._paced = True
                     self._onRelaying(self)
                 return
             elif event is HEAD:

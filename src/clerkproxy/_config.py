@@ -182,15 +182,18 @@ class ProxyConfig:
     @ivar connect_timeout: Seconds allowed to open the TCP connection to FAPI
         (C{HostnameEndpoint} bounds only that; a request's
         C{upstream_timeout} covers the whole wait, TLS handshake included).
-    @ivar upstream_timeout: Seconds allowed for FAPI to start answering.
+    @ivar upstream_timeout: Seconds allowed for FAPI to start answering,
+        from the moment the request is ready to go (a body complete, or
+        its first 64 KiB held) rather than from its head.
     @ivar body_timeout: Seconds a request body that is due may go without
         a byte.
     @ivar upstream_read_timeout: Seconds FAPI's response body may go
         without a byte (while the proxy is not holding FAPI back).
     @ivar send_timeout: Seconds the client may take no byte of a response.
     @ivar pool_size: Most FAPI connections at once that are connecting or
-        awaiting an answer's head (relaying ones do not count); more
-        requests wait.
+        awaiting an answer's head (those a client paces, relaying an
+        answer or streaming a large body, do not count); more requests
+        wait.
     @ivar pool_idle_timeout: Seconds an unused FAPI connection is kept.
     @ivar app_url: The application's origin for every path outside the
         prefix (the edge box's C{--app}), or L{None} for 404s there.

@@ -59,7 +59,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange", "FileSource", "Phase", "Route"]
 
-#: Body bytes held while no upstream connection is ready to take them.
+#: Request body bytes held before an upstream connection is taken: a body
+#: this small goes to FAPI in one write once it is complete; a larger one
+#: streams from here on.
 _HOLD_LIMIT = 64 * 1024
 _READ_SIZE = 64 * 1024
 #: How long, and how much, an answer nobody waits for may take to drain.
@@ -79,6 +81,7 @@ _log = Logger(namespace="clerkproxy.exchange")
 class Phase(enum.Enum):
     """Where an L{Exchange} is; see its docstring for the transitions."""
 
+    RECEIVING = "receiving"
     CONNECTING = "connecting"
     SENDING = "sending"
     AWAITING = "awaiting"
@@ -87,6 +90,7 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+RECEIVING = Phase.RECEIVING
 CONNECTING = Phase.CONNECTING
 SENDING = Phase.SENDING
 AWAITING = Phase.AWAITING
@@ -96,6 +100,7 @@ DONE = Phase.DONE
 
 #: Every transition an exchange may make; anything else is a bug.
 _NEXT: dict[Phase, frozenset[Phase]] = {
+    RECEIVING: frozenset({CONNECTING, DONE}),
     CONNECTING: frozenset({SENDING, AWAITING, DONE}),
     SENDING: frozenset({AWAITING, RELAYING, DONE}),
     AWAITING: frozenset({CONNECTING, RELAYING, ORPHANED, DONE}),
@@ -181,18 +186,26 @@ class Exchange:
 
     Phases (L{Phase}) and what moves an exchange between them::
 
-      CONNECTING  waiting for a pooled or new connection; body bytes that
-                  arrive meanwhile are held (64 KiB, then the client is
-                  paused).
+      RECEIVING   a request body is arriving and is held here; no upstream
+                  connection is taken yet, so a slow client holds none.
+          -> CONNECTING  the body is complete, or the hold is full (64
+                       KiB: the client is paused, the rest will stream)
+          -> DONE      a deadline passed (408), body over --max-body-size
+                       (413), or the client left
+      CONNECTING  waiting for a pooled or new connection.  A request
+                  without a body starts here.
           -> SENDING   got a connection and part of the body is still due
           -> AWAITING  got a connection; the whole request is written
-          -> DONE      connect failed (502), a deadline passed (504/408),
-                       body over --max-body-size (413), or the client left
-      SENDING     the head is written, the body streams to FAPI.
+          -> DONE      connect failed (502), a deadline passed (504),
+                       or the client left
+      SENDING     the head and the hold are written, the rest of the body
+                  streams from the client to FAPI.  The client paces it,
+                  so the connection leaves its pool's cap.
           -> AWAITING  the body ended
           -> RELAYING  FAPI answered early: the rest of the body is dropped
                        and the connection is not reused
-          -> DONE      as from CONNECTING
+          -> DONE      FAPI failed (502), a deadline passed (504/408),
+                       body over --max-body-size (413), or the client left
       AWAITING    the whole request is at FAPI; waiting for its head.
           -> RELAYING  FAPI's head came
           -> CONNECTING  a reused connection was dead before answering; a
@@ -209,13 +222,19 @@ class Exchange:
       DONE        nothing more happens; FAPI's connection is back in the
                   pool (a clean end) or closed.
 
-    Deadlines, each one timer for all the route's exchanges (L{Deadlines}):
+    Deadlines, each one timer for all the route's exchanges (L{Deadlines}).
+    Whoever the exchange waits for has one running: the client (body) or
+    FAPI and the pool (upstream), never both::
 
       phase       deadline (option)                             on expiry
-      CONNECTING  upstream (--upstream-timeout), from the start;  504
-                  body (--body-timeout), idle body, while due     408
-      SENDING     upstream; body, while not paused by FAPI        504 / 408
-      AWAITING    upstream                                        504
+      RECEIVING   body (--body-timeout), no byte from the client  408
+      CONNECTING  upstream (--upstream-timeout), from entering    504
+                  CONNECTING (not from the request's start)
+      SENDING     body, while FAPI takes what the client sends;   408
+                  upstream, restarted whenever FAPI's socket is   504
+                  full and holds the client back
+      AWAITING    upstream, running on from CONNECTING, or        504
+                  restarted when a streamed body ended
       RELAYING    upstream_read (--upstream-read-timeout), no     abort
                   byte from FAPI while not paused for the client;
                   send (--send-timeout), the client took nothing  abort
@@ -246,7 +265,7 @@ class Exchange:
         self._target = target
         self._length = length
         self._hasBody = length != 0
-        self._phase = CONNECTING
+        self._phase = RECEIVING if self._hasBody else CONNECTING
         # What still has request body to give: None once it is all in.
         self._source = source if self._hasBody else None
         self._sourcePaused = not sourceRunning
@@ -255,8 +274,10 @@ class Exchange:
         # The client's socket is full (while relaying); FAPI's is paused.
         self._relayPaused = False
         self._sendMark: int | None = None
-        self._held: list[bytes] = []
-        self._heldSize = 0
+        # The body held while no connection is taken (RECEIVING) or while
+        # one is awaited (CONNECTING): one buffer, so that a body trickled
+        # a byte at a time costs a byte a byte.
+        self._held = bytearray()
         self._received = 0
         self._drained = 0
         self._head = b""
@@ -315,9 +336,23 @@ class Exchange:
             request.watchConnection(self.clientLost)
         else:
             request.notifyFinish().addErrback(self.clientLost)
-        route.upstreamDeadlines.add(self)
-        if self._source is not None and not self._sourcePaused:
+        if self._phase is CONNECTING:
+            self._startUpstream()
+        elif self._sourcePaused:
+            self._resumeSource()  # a buffered body: read it into the hold
+        else:
             route.bodyDeadlines.add(self)
+
+    def _startUpstream(self) -> None:
+        """
+        The request is ready to go (whole, or its hold is full): from here
+        the exchange waits for the pool and FAPI, and the upstream deadline
+        runs.
+        """
+        if self._phase is RECEIVING:
+            self._enter(CONNECTING)
+        route = self._route
+        route.upstreamDeadlines.add(self)
         self._started = route.clock.seconds()
         self._connect()
 
@@ -337,20 +372,37 @@ class Exchange:
             conn.abort()
             return
         self._conn = conn
-        length = self._length
-        body = None if not self._hasBody else (-1 if length is None else length)
-        conn.send(self, self._head, self._request.method == b"HEAD", body, self)
+        isHead = self._request.method == b"HEAD"
         if not self._hasBody:
+            conn.send(self, self._head, isHead, None)
             self._enter(AWAITING)
             return
-        self._enter(SENDING)
-        held, self._held, self._heldSize = self._held, [], 0
-        for chunk in held:
-            conn.writeBody(chunk)
+        held, self._held = self._held, bytearray()
         if self._source is None:
-            conn.endBody()
+            # The whole body is here: the request goes in one write, and
+            # the connection has nothing to stream.
+            if self._length is None:
+                if held:
+                    request = b"".join(
+                        (self._head, b"%x\r\n" % len(held), held, b"\r\n0\r\n\r\n")
+                    )
+                else:
+                    request = self._head + b"0\r\n\r\n"
+            else:
+                request = self._head + held
+            conn.send(self, request, isHead, None)
             self._enter(AWAITING)
-        elif not self._uploadPaused:
+            return
+        # The hold filled up: the rest streams, paced by the client.
+        length = self._length
+        conn.send(self, self._head, isHead, -1 if length is None else length, self)
+        self._enter(SENDING)
+        if held:
+            conn.writeBody(bytes(held))
+        conn.pacedByClient()
+        if not self._uploadPaused:
+            # Waiting for the client now, not for FAPI.
+            self._route.upstreamDeadlines.remove(self)
             self._resumeSource()
 
     # -- endings ----------------------------------------------------------
@@ -363,7 +415,7 @@ class Exchange:
         route.bodyDeadlines.remove(self)
         route.readDeadlines.remove(self)
         route.sendDeadlines.remove(self)
-        self._held = []
+        self._held = bytearray()
 
     def _stopUpstream(self) -> None:
         """Close FAPI's connection, or give up waiting for one."""
@@ -595,7 +647,7 @@ class Exchange:
 
     def bodyDataReceived(self, data: bytes) -> None:
         phase = self._phase
-        if phase is not CONNECTING and phase is not SENDING:
+        if phase is not RECEIVING and phase is not CONNECTING and phase is not SENDING:
             return  # answered, refused or abandoned: the rest is dropped
         self._received += len(data)
         route = self._route
@@ -616,20 +668,29 @@ class Exchange:
         conn = self._conn
         if conn is not None:
             conn.writeBody(data)
-        else:
-            self._held.append(data)
-            self._heldSize += len(data)
-            if self._heldSize >= _HOLD_LIMIT:
-                self._pauseSource()
+            return
+        held = self._held
+        held += data
+        if len(held) >= _HOLD_LIMIT and self._received != self._length:
+            # Enough held: the client waits, and the body will stream.
+            self._pauseSource()
+            if phase is RECEIVING:
+                self._startUpstream()
 
     def bodyDone(self) -> None:
         self._source = None
-        self._route.bodyDeadlines.remove(self)
-        if self._phase is SENDING:
+        route = self._route
+        route.bodyDeadlines.remove(self)
+        phase = self._phase
+        if phase is RECEIVING:
+            self._startUpstream()
+        elif phase is SENDING:
             conn = self._conn
             assert conn is not None
-            conn.endBody()
+            conn.endBody()  # and FAPI's socket has no producer any more
+            self._uploadPaused = False
             self._enter(AWAITING)
+            route.upstreamDeadlines.add(self)  # FAPI's turn
 
     # -- IPushProducer: FAPI's socket during the upload, the client's ------
     # -- while relaying ----------------------------------------------------
@@ -637,9 +698,12 @@ class Exchange:
     def pauseProducing(self) -> None:
         phase = self._phase
         if phase is not RELAYING:
-            if phase is not DONE and phase is not ORPHANED:
+            if (phase is SENDING or phase is CONNECTING) and not self._uploadPaused:
+                # FAPI's socket is full: FAPI holds the client back now.
                 self._uploadPaused = True
                 self._pauseSource()
+                if phase is SENDING:
+                    self._route.upstreamDeadlines.add(self)
             return
         if self._relayPaused:
             return
@@ -655,9 +719,12 @@ class Exchange:
     def resumeProducing(self) -> None:
         phase = self._phase
         if phase is not RELAYING:
-            if phase is not DONE and phase is not ORPHANED:
+            if (phase is SENDING or phase is CONNECTING) and self._uploadPaused:
                 self._uploadPaused = False
-                self._resumeSource()
+                if phase is SENDING and self._source is not None:
+                    # The client's turn again.
+                    self._route.upstreamDeadlines.remove(self)
+                    self._resumeSource()
             return
         if self._uploadPaused:
             # FAPI answered while its socket was full of our upload: this

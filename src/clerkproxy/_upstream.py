@@ -3,8 +3,9 @@ A bounded pool of persistent, verified HTTP/1.1 TLS connections to FAPI.
 
 Twisted's C{HTTPConnectionPool} caps idle connections only and has no
 queue; this one caps the connections that are connecting or waiting for
-FAPI's answer, queues requests beyond the cap, lets connections that relay
-a response body leave the cap (so slow clients cannot starve the queue),
+FAPI's answer, queues requests beyond the cap, lets connections that a
+client paces (relaying a response body, or streaming a request body) leave
+the cap (so slow clients cannot starve the queue),
 closes idle connections after a while with one timer for the whole pool,
 and counts the connections it opens (the number steady traffic should keep
 near zero).
@@ -102,9 +103,11 @@ class UpstreamPool:
 
      - I{connecting}: an attempt under way, not yet a connection;
      - I{busy}: handed out, sending a request or awaiting FAPI's head;
-     - I{relaying}: FAPI's head arrived and its body is being relayed.
-       These have left the cap: a client reading slowly holds its own
-       connection but never keeps a queued request from FAPI;
+     - I{relaying}: paced by a client: FAPI's head arrived and its body
+       is being relayed, or a request body larger than the exchange's
+       hold streams from its client.  These have left the cap: a client
+       reading or sending slowly holds its own connection but never
+       keeps a queued request from FAPI;
      - I{idle}: on the stack, ready for the next request.
 
     The cap counts connecting plus busy.  The pool also keeps idle plus
@@ -167,7 +170,8 @@ class UpstreamPool:
 
     @property
     def relayingConnections(self) -> int:
-        """Connections relaying a response body (outside the cap)."""
+        """Connections a client paces: relaying a response body or
+        streaming a request body (outside the cap)."""
         return len(self._relaying)
 
     @property
@@ -293,7 +297,7 @@ class UpstreamPool:
     # -- what connections report ---------------------------------------------
 
     def _connectionRelaying(self, proto: UpstreamConnection) -> None:
-        """A response body follows: the connection leaves the cap."""
+        """A client paces the connection now: it leaves the cap."""
         self._busy.discard(proto)
         self._relaying.add(proto)
         self._serveWaiters()
