@@ -17,6 +17,7 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import implementer
 
 from ._interfaces import IStreamingChannel, IStreamingRequest
+from ._sockets import limit_unsent
 from ._twisted_compat import (
     ChunkedTransferDecoder,
     encode_header_name,
@@ -199,6 +200,7 @@ class StreamingChannel(HTTPChannel):
             self._admission = _AT_FIRST_BYTES
         site.channels.add(self)
         site.headerDeadlines.add(self)
+        limit_unsent(self.transport, site.unsentLimit)
 
     def getPeer(self) -> Any:
         # Twisted's Request asks for both addresses on every request; keep

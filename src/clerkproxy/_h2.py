@@ -105,6 +105,25 @@ _CONNECTION_SPECIFIC = frozenset(
     }
 )
 _NAME_OK = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z").match
+# What RFC 9113 section 8.2.1 makes a connection error (h2's own inbound
+# checks, which we switch off and do here in one pass): a name with a
+# control, space, upper-case, non-ASCII byte or a colon past the first; a
+# value with NUL, CR or LF, or with whitespace at either end.
+_H2_NAME_BAD = re.compile(rb"\A\Z|[\x00-\x20A-Z\x7f-\xff]|(?<=.):", re.S).search
+_H2_VALUE_BAD = re.compile(rb"[\x00\n\r]|\A[ \t]|[ \t]\Z").search
+#: Connection-specific request fields: a connection error (section 8.2.2).
+_H2_CONNECTION_FIELDS = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_REQUEST_PSEUDO = frozenset(
+    {b":method", b":scheme", b":authority", b":path", b":protocol"}
+)
 _VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 _NO_BODY_CODES = (204, 304)
 
@@ -494,6 +513,10 @@ class H2Connection(Protocol):
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
+            # _requestReceived and _trailersReceived check what h2 would,
+            # in one pass, and refuse the same way.
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
@@ -798,32 +821,84 @@ class H2Connection(Protocol):
             self._conn.reset_stream(streamID, ErrorCodes.REFUSED_STREAM)
             return
         stream = H2Stream(self, streamID)
-        method = uri = None
+        method = uri = authority = host = scheme = None
         headers = Headers()
         cookies = []
         lengths = []
         malformed = False
+        pseudo: set[bytes] = set()
+        regular = False
         for name, value in event.headers:
+            if value and _H2_VALUE_BAD(value):
+                self._malformedBlock()
+                return
             if name[:1] == b":":
+                if regular or name in pseudo or name not in _REQUEST_PSEUDO:
+                    self._malformedBlock()
+                    return
+                pseudo.add(name)
                 if name == b":method":
                     method = value
                 elif name == b":path":
+                    if not value:
+                        self._malformedBlock()
+                        return
                     uri = value
                 elif name == b":authority":
+                    authority = value
                     headers.setRawHeaders(b"Host", [value])
+                elif name == b":scheme":
+                    scheme = value
                 continue
-            if not _NAME_OK(name) or _VALUE_BAD(value):
+            regular = True
+            if not _NAME_OK(name):
+                if _H2_NAME_BAD(name):
+                    self._malformedBlock()
+                    return
                 malformed = True
-                break
+                continue
+            if name in _H2_CONNECTION_FIELDS or (
+                name == b"te" and value.lower() != b"trailers"
+            ):
+                self._malformedBlock()
+                return
+            if name == b"host":
+                if host is not None:
+                    self._malformedBlock()
+                    return
+                host = value
+            if malformed:
+                continue
+            if _VALUE_BAD(value):
+                malformed = True
+                continue
             if name == b"cookie":
                 cookies.append(value)
             elif name == b"host":
-                if not headers.hasHeader(b"Host"):
+                if authority is None:
                     headers.addRawHeader(name, value)
             elif b"_" not in name:
                 if name == b"content-length":
                     lengths.append(value)
                 headers.addRawHeader(name, value)
+        if (
+            method is None
+            or (authority is None and host is None)
+            or (authority is not None and host is not None and authority != host)
+        ):
+            self._malformedBlock()
+            return
+        if method == b"CONNECT":
+            if b":protocol" in pseudo:
+                bad = scheme is None or uri is None
+            else:
+                bad = scheme is not None or uri is not None
+            if bad:
+                self._malformedBlock()
+                return
+        elif scheme is None or uri is None or b":protocol" in pseudo:
+            self._malformedBlock()
+            return
         if cookies:
             # RFC 9113 section 8.2.3: one field for HTTP/1.1.
             headers.setRawHeaders(b"Cookie", [b"; ".join(cookies)])
@@ -842,6 +917,25 @@ class H2Connection(Protocol):
         self._streams[streamID] = stream
         self._pending.append(stream)
         self._site.idleDeadlines.remove(self)  # type: ignore[arg-type]
+
+    def _malformedBlock(self) -> None:
+        """A header block RFC 9113 makes a connection error: GOAWAY, close."""
+        self._conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
+        self._refuse("protocol_error", goAway=False)
+
+    def _trailersReceived(self, event: h2.events.TrailersReceived) -> None:
+        # Trailers are not forwarded, but a malformed block still ends the
+        # connection, as h2's own checks did.
+        for name, value in event.headers:
+            if (
+                name[:1] == b":"
+                or _H2_NAME_BAD(name)
+                or (value and _H2_VALUE_BAD(value))
+                or name in _H2_CONNECTION_FIELDS
+                or (name == b"te" and value.lower() != b"trailers")
+            ):
+                self._malformedBlock()
+                return
 
     def _startPending(self) -> None:
         pending, self._pending = self._pending, []
@@ -1134,6 +1228,7 @@ _HANDLERS: dict[type, Callable[[H2Connection, Any], None]] = {
     h2.events.RequestReceived: H2Connection._requestReceived,
     h2.events.DataReceived: H2Connection._dataReceived,
     h2.events.StreamEnded: H2Connection._streamEnded,
+    h2.events.TrailersReceived: H2Connection._trailersReceived,
     h2.events.StreamReset: H2Connection._streamReset,
     h2.events.WindowUpdated: H2Connection._windowUpdated,
     h2.events.RemoteSettingsChanged: H2Connection._settingsChanged,

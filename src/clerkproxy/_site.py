@@ -91,6 +91,10 @@ class StreamingSite(Site):
         return channel
 
     maxRequestLine = MAX_REQUEST_LINE
+    #: Unsent bytes a client socket's kernel send queue may hold (Linux's
+    #: TCP_NOTSENT_LOWAT; 0 leaves the kernel's default): a client that
+    #: stops reading then costs this much kernel memory, not megabytes.
+    unsentLimit = 128 * 1024
     maxHeaderSize = MAX_HEAD
     #: Open connections per client, when they are limited.
     clientConnections: ClientConnections | None = None
