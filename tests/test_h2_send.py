@@ -6,6 +6,8 @@ content-length the stream ends only when the response finishes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import h2.events
 from test_h2_flow import _connect, _exchange
 
@@ -23,12 +25,18 @@ def _events(protocol: object, transport: object, client: object) -> list[object]
     return list(events)
 
 
-def test_the_last_byte_by_content_length_ends_the_stream() -> None:
+def _started(headers: list[tuple[bytes, bytes]]) -> tuple[Any, Any, Any, Any]:
+    """A connection with one request (no body) handed to the resource."""
     resource, protocol, transport, client = _connect()
     _exchange(protocol, transport, client)
-    client.send_headers(1, REQUEST, end_stream=True)
+    client.send_headers(1, headers, end_stream=True)
     _exchange(protocol, transport, client)
     [(request, _, _)] = resource.requests
+    return request, protocol, transport, client
+
+
+def test_the_last_byte_by_content_length_ends_the_stream() -> None:
+    request, protocol, transport, client = _started(REQUEST)
     request.setHeader(b"content-length", b"10")
     request.write(b"hello")
     events = _events(protocol, transport, client)
@@ -44,11 +52,7 @@ def test_the_last_byte_by_content_length_ends_the_stream() -> None:
 
 
 def test_without_content_length_the_stream_ends_at_finish() -> None:
-    resource, protocol, transport, client = _connect()
-    _exchange(protocol, transport, client)
-    client.send_headers(1, REQUEST, end_stream=True)
-    _exchange(protocol, transport, client)
-    [(request, _, _)] = resource.requests
+    request, protocol, transport, client = _started(REQUEST)
     request.write(b"hello")
     events = _events(protocol, transport, client)
     assert not any(isinstance(e, h2.events.StreamEnded) for e in events)
@@ -58,11 +62,9 @@ def test_without_content_length_the_stream_ends_at_finish() -> None:
 
 
 def test_a_head_response_ends_at_finish_whatever_its_content_length() -> None:
-    resource, protocol, transport, client = _connect()
-    _exchange(protocol, transport, client)
-    client.send_headers(1, [(b":method", b"HEAD"), *REQUEST[1:]], end_stream=True)
-    _exchange(protocol, transport, client)
-    [(request, _, _)] = resource.requests
+    request, protocol, transport, client = _started(
+        [(b":method", b"HEAD"), *REQUEST[1:]]
+    )
     request.setHeader(b"content-length", b"5")
     request.write(b"hello")
     events = _events(protocol, transport, client)
