@@ -16,6 +16,7 @@ from test_cli import free_port, start_against, stop, twistd, wait_listening
 from twisted.internet.threads import deferToThread
 
 from clerkproxy._config import ConfigError
+from clerkproxy._endpoints import default_backlog
 from clerkproxy._workers import ListenSpec, worker_listen_spec
 
 
@@ -107,12 +108,13 @@ def test_workers_auto_and_bad_values() -> None:
 
 
 def test_worker_ports() -> None:
-    assert worker_listen_spec("443", True) == ListenSpec(443, "", 1024, True, False)
+    backlog = default_backlog()
+    assert worker_listen_spec("443", True) == ListenSpec(443, "", backlog, True, False)
     assert worker_listen_spec(
         "tcp:8080:interface=127.0.0.1:backlog=10", False
     ) == ListenSpec(8080, "127.0.0.1", 10, False, False)
     assert worker_listen_spec("haproxy:tcp:8443", False) == ListenSpec(
-        8443, "", 1024, False, True
+        8443, "", backlog, False, True
     )
     assert worker_listen_spec("tcp:port=9:interface=\\:\\:1", False).interface == "::1"
     for bad in (

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._config import ConfigError
+from ._endpoints import default_backlog
 from ._groupadmin import GroupAdmin, group_admin_site
 from ._twisted_compat import parse_endpoint_description
 
@@ -70,7 +71,7 @@ def worker_listen_spec(description: str, tls: bool) -> ListenSpec:
     haproxy = description.startswith("haproxy:")
     inner = description[len("haproxy:") :] if haproxy else description
     if inner.isdigit():
-        return ListenSpec(int(inner), "", 1024, tls, haproxy)
+        return ListenSpec(int(inner), "", default_backlog(), tls, haproxy)
     args, kwargs = parse_endpoint_description(inner)
     if not args or args[0] != "tcp" or len(args) > 2:
         raise ConfigError(
@@ -79,7 +80,7 @@ def worker_listen_spec(description: str, tls: bool) -> ListenSpec:
         )
     try:
         port = int(kwargs.pop("port", args[1] if len(args) > 1 else ""))
-        backlog = int(kwargs.pop("backlog", 1024))
+        backlog = int(kwargs.pop("backlog", default_backlog()))
     except ValueError:
         raise ConfigError(f"--port {description!r} has no valid port number") from None
     interface = kwargs.pop("interface", "")
