@@ -338,6 +338,8 @@ class H2Request:
     upstreamSeconds: float | None = None
     upstreamReused: bool | None = None
     maxBodySize: int | None = None
+    #: The response's content-length, once its headers are sent.
+    _declaredLength: int | None = None
 
     def __init__(
         self, stream: H2Stream, method: bytes, uri: bytes, headers: Headers
@@ -427,7 +429,11 @@ class H2Request:
             )
         if data and self._bodyAllowed():
             self.sentLength += len(data)
-            stream.connection._sendData(stream, data)
+            # The body's last byte by its content-length: END_STREAM goes on
+            # this DATA frame, not on an empty one when finish() follows.
+            stream.connection._sendData(
+                stream, data, end=self.sentLength == self._declaredLength
+            )
 
     def finish(self) -> None:
         stream = self.channel
@@ -472,6 +478,9 @@ class H2Request:
             lower = name.lower()
             if lower in _CONNECTION_SPECIFIC:
                 continue
+            if lower == b"content-length" and len(values) == 1:
+                if values[0].isdigit():
+                    self._declaredLength = int(values[0])
             for value in values:
                 append((lower, value))
         return out
@@ -1079,11 +1088,13 @@ class H2Connection(Protocol):
         if flush:
             self._flush()
 
-    def _sendData(self, stream: H2Stream, data: bytes) -> None:
+    def _sendData(self, stream: H2Stream, data: bytes, end: bool = False) -> None:
         if stream.state == _CLOSED:
             return
         stream.outQueue.append(data)
         stream.outSize += len(data)
+        if end:
+            stream.outEnd = True
         self._send(stream)
         if (
             stream.outSize > _STREAM_BUFFER
