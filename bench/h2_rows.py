@@ -91,14 +91,7 @@ def nginx_recipe_h2(s: harness.Setup, port: int) -> subprocess.Popen[bytes]:
         {directive}
         ssl_certificate {s.cert}; ssl_certificate_key {s.key};
         client_max_body_size 0;
-        location /__clerk/ {{
-            rewrite ^/__clerk/(.*)$ /$1 break;
-            proxy_pass https://localhost:{harness.UPSTREAM_PORT};
-            proxy_set_header Clerk-Proxy-Url {harness.PROXY_URL};
-            proxy_set_header Clerk-Secret-Key {harness.SECRET};
-            proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_redirect off;
-        }}
+        {harness.recipe_location()}
     }}"""
     return harness.start_nginx(harness.nginx_conf(s.work, "nginx-recipe-h2", server))
 
@@ -164,12 +157,8 @@ def one_round(
     connections: int,
     results: H2Results,
 ) -> None:
-    name, start = CONTENDERS[key]
     port = H2_PORT
-    harness.wait_port_free(port)
-    process = start(s, port)
-    try:
-        harness.wait_port(port)
+    with harness.running(CONTENDERS[key][1], s, port) as process:
         cpu = harness.cpu_seconds(process.pid)
         rps, mean_ms, done, failed = run_h2load(port, seconds, connections, warmup)
         cpu = harness.cpu_seconds(process.pid) - cpu
@@ -180,8 +169,6 @@ def one_round(
             f"{sample.cpu_per_1k:.3f} CPU-s/1k, {failed} failed",
             flush=True,
         )
-    finally:
-        harness.stop(process)
 
 
 def run_rounds(
@@ -287,10 +274,7 @@ def _probe(port: int, seconds: float, cafile: str) -> tuple[list[float], int]:
 def rapid_reset(s: harness.Setup, seconds: float) -> RapidResetSample:
     """One client loops Rapid Reset at clerkproxy while another is served."""
     port = H2_PORT
-    harness.wait_port_free(port)
-    process = clerkproxy_h2(s, port)
-    try:
-        harness.wait_port(port)
+    with harness.running(clerkproxy_h2, s, port):
         fork = multiprocessing.get_context("fork")
         queue: Any = fork.Queue()
         attacker = fork.Process(
@@ -301,8 +285,6 @@ def rapid_reset(s: harness.Setup, seconds: float) -> RapidResetSample:
         latencies, errors = _probe(port, seconds * 0.7, str(s.ca))
         streams, connections = queue.get(timeout=seconds + 60)
         attacker.join()
-    finally:
-        harness.stop(process)
     latencies.sort()
 
     def pct(q: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,21 @@ def stop(process: subprocess.Popen[bytes], seconds: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def running(
+    start: Callable[[Setup, int], subprocess.Popen[bytes]], s: Setup, port: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A contender started on C{port} (once the port is free) and listening;
+    stopped on the way out."""
+    wait_port_free(port)
+    process = start(s, port)
+    try:
+        wait_port(port)
+        yield process
+    finally:
+        stop(process)
 
 
 # --------------------------------------------------------------------------
@@ -303,6 +319,21 @@ def clerkproxy(workers: int = 1) -> Callable[[Setup, int], subprocess.Popen[byte
     return start
 
 
+def recipe_location(upstream_port: int = UPSTREAM_PORT, extra: str = "") -> str:
+    """The C{location} block of Clerk's nginx guide, with only the host and
+    key filled in (and C{extra} directives appended)."""
+    return f"""
+            location /__clerk/ {{
+                rewrite ^/__clerk/(.*)$ /$1 break;
+                proxy_pass https://localhost:{upstream_port};
+                proxy_set_header Clerk-Proxy-Url {PROXY_URL};
+                proxy_set_header Clerk-Secret-Key {SECRET};
+                proxy_set_header X-Forwarded-For $remote_addr;
+                proxy_redirect off;
+                {extra}
+            }}"""
+
+
 def nginx_contender(
     tuned: bool, listen_ssl: bool = False
 ) -> Callable[[Setup, int], subprocess.Popen[bytes]]:
@@ -324,17 +355,8 @@ def nginx_contender(
                 proxy_redirect off;
             }}"""
         else:
-            # Clerk's guide, with only the host and key filled in.
             upstream = ""
-            location = f"""
-            location /__clerk/ {{
-                rewrite ^/__clerk/(.*)$ /$1 break;
-                proxy_pass https://localhost:{UPSTREAM_PORT};
-                proxy_set_header Clerk-Proxy-Url {PROXY_URL};
-                proxy_set_header Clerk-Secret-Key {SECRET};
-                proxy_set_header X-Forwarded-For $remote_addr;
-                proxy_redirect off;
-            }}"""
+            location = recipe_location()
         name = ("nginx-tuned" if tuned else "nginx-recipe") + (
             "-ssl" if listen_ssl else ""
         )
@@ -478,10 +500,7 @@ def one_sample(
     contender: Contender, s: Setup, seconds: float, warmup: float, connections: int
 ) -> Sample:
     port = PROXY_PORT
-    wait_port_free(port)
-    process = contender.start(s, port)
-    try:
-        wait_port(port)
+    with running(contender.start, s, port) as process:
         check_answer(port)
         run_wrk(port, warmup, connections)
         accepts = upstream_accepts()
@@ -490,8 +509,6 @@ def one_sample(
         cpu = cpu_seconds(process.pid) - cpu
         opened = upstream_accepts() - accepts - 1  # the status request itself
         peak = memory_kib(process.pid, "VmHWM") / 1024
-    finally:
-        stop(process)
     return Sample(
         rps,
         p50,
@@ -600,14 +617,9 @@ IDLE_OTHERS = ("nginx-recipe", "aiohttp", "clerkway")
 
 def idle_contender_curve(s: Setup, key: str, count: int) -> list[tuple[int, int]]:
     port = PROXY_PORT
-    wait_port_free(port)
-    process = CONTENDERS[key].start(s, port)
-    try:
-        wait_port(port)
+    with running(CONTENDERS[key].start, s, port) as process:
         check_answer(port)
         return idle_curve(process, port, count, None)
-    finally:
-        stop(process)
 
 
 async def _slow_read(reader: asyncio.StreamReader, total: int, rate: float) -> int:

@@ -312,15 +312,7 @@ def start_nginx_recipe(s: harness.Setup, ports: Ports) -> subprocess.Popen[bytes
     server {{
         listen 127.0.0.1:{ports.proxy} backlog=4096;
         client_max_body_size 0;
-        location /__clerk/ {{
-            rewrite ^/__clerk/(.*)$ /$1 break;
-            proxy_pass https://localhost:{ports.upstream};
-            proxy_set_header Clerk-Proxy-Url {harness.PROXY_URL};
-            proxy_set_header Clerk-Secret-Key {harness.SECRET};
-            proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_redirect off;
-            proxy_max_temp_file_size 0;
-        }}
+        {harness.recipe_location(ports.upstream, "proxy_max_temp_file_size 0;")}
     }}"""
     return harness.start_nginx(harness.nginx_conf(s.work, "nginx-recipe", server))
 

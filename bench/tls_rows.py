@@ -179,12 +179,8 @@ def one_round(
     clients: int,
     results: TLSResults,
 ) -> None:
-    name, start = CONTENDERS[key]
     port = TLS_PORT
-    harness.wait_port_free(port)
-    process = start(s, port)
-    try:
-        harness.wait_port(port)
+    with harness.running(CONTENDERS[key][1], s, port) as process:
         _check(s, port)
         harness.run_wrk(port, warmup, connections, scheme="https")
         cpu = harness.cpu_seconds(process.pid)
@@ -202,8 +198,6 @@ def one_round(
             results.handshakes.setdefault(
                 f"{key}/{'on' if resume else 'off'}", []
             ).append(sample)
-    finally:
-        harness.stop(process)
     last = results.handshakes
     print(
         f"tls {key}: {rps:,.0f} req/s keep-alive; handshakes per CPU-second "

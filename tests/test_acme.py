@@ -265,8 +265,8 @@ async def test_two_sites_get_certificates_and_proxy(
     pebble: Pebble, tmp_path: Path, events: list[str], fapi: Any, ca: Any
 ) -> None:
     """The whole edge: a config file, Pebble, /readyz, both sites proxying."""
+    from helpers import KEY_A, KEY_B, _read_response, settings_for
     from pebble import free_port
-    from test_sites import KEY_A, KEY_B, _read_response, settings_for
 
     from clerkproxy._endpoints import server_endpoint
     from clerkproxy._serve import build_service

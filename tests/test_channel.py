@@ -10,61 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import Recording, connect
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from clerkproxy import build_site
-from clerkproxy._errors import respond_error
-from clerkproxy.interfaces import IRequestBodyReceiver, IStreamingResource
-
-
-@implementer(IRequestBodyReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.done = False
-
-    def bodyDataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def bodyDone(self) -> None:
-        self.done = True
-
-
-@implementer(IStreamingResource)
-class Recording(Resource):
-    """Streams bodies, or answers at once when told to."""
-
-    isLeaf = True
-
-    def __init__(self, reject: int | None = None) -> None:
-        super().__init__()
-        self.reject = reject
-        self.streamed: list[tuple[Any, int | None, Receiver]] = []
-        self.rendered: list[Any] = []
-
-    def renderStreaming(self, request: Any, length: int | None) -> Receiver | None:
-        receiver = Receiver()
-        self.streamed.append((request, length, receiver))
-        if self.reject:
-            respond_error(request, self.reject, "proxy_request_too_large")
-            return None
-        return receiver
-
-    def render(self, request: Any) -> Any:
-        self.rendered.append((request.method, request.uri, request.content.read()))
-        return b"plain"
-
-
-def connect(resource: Resource) -> tuple[Any, StringTransport]:
-    site = build_site(resource, MemoryReactorClock())
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return protocol, transport
 
 
 def test_body_streams_before_it_is_complete() -> None:

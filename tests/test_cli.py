@@ -6,13 +6,8 @@ with one clear sentence; a good one serves, terminates TLS and stops cleanly.
 from __future__ import annotations
 
 import http.client
-import os
-import signal
-import socket
 import ssl
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +15,10 @@ import pytest
 import pytest_twisted
 import trustme
 from conftest import SECRET
+from helpers import free_port, start_against, stop, twistd, wait_listening
 from twisted.internet.threads import deferToThread
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 GOOD = ["--proxy-url", "https://app.test/__clerk"]
-
-
-def twistd(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_")}
-    environ.update(env or {})
-    return subprocess.run(
-        [TWISTD, "-n", "clerkproxy", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -154,72 +134,6 @@ def test_bad_files_and_values_name_the_option(
     result = twistd(*GOOD, *filled, env={"CLERK_SECRET_KEY": SECRET})
     assert_one_clear_line(result, needle)
     assert SECRET not in result.stdout + result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, process: subprocess.Popen[Any]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(process.stdout.read() if process.stdout else "exited")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("clerkproxy did not start listening")
-
-
-def start(args: list[str], key_file: Path) -> subprocess.Popen[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_")}
-    return subprocess.Popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "clerkproxy",
-            *args,
-            "--secret-key-file",
-            str(key_file),
-        ],
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def start_against(
-    fapi: Any, ca: trustme.CA, where: Path, ports: list[str]
-) -> subprocess.Popen[str]:
-    """Run the installed twistd plugin in front of the stand-in FAPI."""
-    key_file = where / "key"
-    key_file.write_text(SECRET + "\n")
-    ca_file = where / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    options = [
-        "--proxy-url",
-        "https://app.test/__clerk",
-        "--fapi",
-        fapi.url,
-        "--fapi-ca",
-        str(ca_file),
-    ]
-    return start([*ports, *options], key_file)
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=20)
-    # twistd re-raises the terminating signal once shut down cleanly.
-    assert process.returncode in (0, -signal.SIGTERM), output
-    assert "Server Shut Down." in output and "Traceback" not in output
-    return output
 
 
 @pytest_twisted.ensureDeferred

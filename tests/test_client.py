@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import HEAD, Recorder
 from hypothesis import given
 from hypothesis import strategies as st
-from test_pool import HEAD, Recorder
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure

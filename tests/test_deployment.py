@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 import trustme
 from conftest import PROXY_URL, SECRET
-from test_cli import TWISTD
+from helpers import TWISTD
 from twisted.internet.threads import deferToThread
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text()

@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import SECRET, connect_raw, parse_response, raw_request, reactor, within
+from helpers import AppEcho, Recording, edge_with_app
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
-from test_channel import Recording
-from test_operations import AppEcho, edge_with_app
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.server import Site

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_pool import RESPONSE, FakeEndpoint, serve_one
+from helpers import RESPONSE, FakeEndpoint, serve_one
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import connect_raw, parse_response, raw_request, within
+from helpers import Receiver, Recording, connect
 from hypothesis import given
 from hypothesis import strategies as st
-from test_channel import Receiver, Recording, connect
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from clerkproxy import build_site

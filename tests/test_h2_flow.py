@@ -7,54 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import h2.config
-import h2.connection
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web.resource import Resource
-from zope.interface import implementer
-
-from clerkproxy import HTTP2Settings, build_site
-from clerkproxy.interfaces import IRequestBodyReceiver, IStreamingResource
-
-
-@implementer(IRequestBodyReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.done = False
-
-    def bodyDataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def bodyDone(self) -> None:
-        self.done = True
-
-
-@implementer(IStreamingResource)
-class Streaming(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        Resource.__init__(self)
-        self.requests: list[tuple[Any, int | None, Receiver]] = []
-
-    def renderStreaming(self, request: Any, length: int | None) -> Receiver:
-        receiver = Receiver()
-        self.requests.append((request, length, receiver))
-        return receiver
-
-
-def _connect() -> tuple[Streaming, Any, StringTransport, h2.connection.H2Connection]:
-    resource = Streaming()
-    site = build_site(resource, MemoryReactorClock(), http2=HTTP2Settings(h2c=True))
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    client = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    client.initiate_connection()
-    return resource, protocol, transport, client
+from helpers import _connect, _exchange
 
 
 def _send(client: Any, streamID: int, data: bytes, end: bool = False) -> None:
@@ -62,12 +15,6 @@ def _send(client: Any, streamID: int, data: bytes, end: bool = False) -> None:
     for i in range(0, len(data), 16384):
         last = i + 16384 >= len(data)
         client.send_data(streamID, data[i : i + 16384], end_stream=end and last)
-
-
-def _exchange(protocol: Any, transport: StringTransport, client: Any) -> None:
-    protocol.dataReceived(client.data_to_send())
-    client.receive_data(transport.value())
-    transport.clear()
 
 
 def test_a_paused_stream_withholds_its_window_and_loses_nothing() -> None:
@@ -87,7 +34,7 @@ def test_a_paused_stream_withholds_its_window_and_loses_nothing() -> None:
     _exchange(protocol, transport, client)
     [(request, length, receiver)] = resource.requests
     assert length == 100000
-    assert b"".join(receiver.data) == b"a" * 40000
+    assert b"".join(receiver.chunks) == b"a" * 40000
     # Handed on, so acknowledged (h2 sends WINDOW_UPDATE once half the
     # window is used): at most half a window is outstanding.
     before = client.local_flow_control_window(1)
@@ -96,19 +43,19 @@ def test_a_paused_stream_withholds_its_window_and_loses_nothing() -> None:
     request.transport.pauseProducing()  # as the exchange does when FAPI is full
     _send(client, 1, b"b" * 30000)
     _exchange(protocol, transport, client)
-    assert b"".join(receiver.data) == b"a" * 40000
+    assert b"".join(receiver.chunks) == b"a" * 40000
     # Held, not acknowledged: the client's window for this stream shrinks.
     assert client.local_flow_control_window(1) == before - 30000
 
     request.transport.resumeProducing()
     client.receive_data(transport.value())
     transport.clear()
-    assert b"".join(receiver.data) == b"a" * 40000 + b"b" * 30000
+    assert b"".join(receiver.chunks) == b"a" * 40000 + b"b" * 30000
     assert client.local_flow_control_window(1) > 65535 // 2
     _send(client, 1, b"c" * 30000, end=True)
     _exchange(protocol, transport, client)
     assert receiver.done
-    assert len(b"".join(receiver.data)) == 100000
+    assert len(b"".join(receiver.chunks)) == 100000
 
 
 def test_a_paused_stream_does_not_stop_its_neighbours() -> None:
@@ -130,6 +77,6 @@ def test_a_paused_stream_does_not_stop_its_neighbours() -> None:
     _send(client, 1, b"x" * 60000)
     _send(client, 3, b"y" * 60000)
     _exchange(protocol, transport, client)
-    assert slow.data == [] and b"".join(fast.data) == b"y" * 60000
+    assert slow.chunks == [] and b"".join(fast.chunks) == b"y" * 60000
     assert client.local_flow_control_window(1) == 65535 - 60000
     assert client.local_flow_control_window(3) > 65535 // 2

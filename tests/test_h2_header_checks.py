@@ -17,7 +17,7 @@ import pytest
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from h2.utilities import HeaderValidationFlags, validate_headers
-from test_h2_flow import Streaming
+from helpers import Streaming
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from clerkproxy import HTTP2Settings, build_site

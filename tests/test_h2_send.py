@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import h2.events
-from test_h2_flow import _connect, _exchange
+from helpers import _connect, _exchange
 
 REQUEST = [
     (b":method", b"GET"),

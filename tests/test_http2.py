@@ -7,80 +7,24 @@ loopback TLS (ALPN h2) with the h2 library as the client.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import StringIO
 from typing import Any
 
 import pytest
 import pytest_twisted
 import trustme
-from conftest import SECRET, _server_options, reactor
+from conftest import SECRET, reactor
 from h2.errors import ErrorCodes
 from h2client import H2Client, connect_h2, within
+from helpers import H2Proxy, h2proxy, make_h2, sleep  # noqa: F401  (fixtures)
 from standin import GZIPPED
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from clerkproxy import build_site
 from clerkproxy._accesslog import AccessLog
 from clerkproxy._h2 import HTTP2Settings
 from clerkproxy._metrics import MetricsCollector
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-class H2Proxy:
-    """The proxy with a TLS listener offering h2, and a plain one."""
-
-    def __init__(self, proxy: Any, ca: trustme.CA) -> None:
-        self.proxy = proxy
-        self.ca = ca
-        cert = ca.issue_cert("localhost", "127.0.0.1")
-        self.tls = reactor.listenSSL(
-            0, proxy.site, _server_options(cert), interface="127.0.0.1"
-        )
-        self.tlsPort = self.tls.getHost().port
-        self.port = proxy.port
-        self.metrics = proxy.resource.metrics
-
-    async def client(self, **kwargs: Any) -> H2Client:
-        return await connect_h2(self.tlsPort, self.ca, **kwargs)
-
-
-@pytest.fixture
-def make_h2(
-    make_proxy: Callable[..., Any], ca: trustme.CA
-) -> Iterator[Callable[..., H2Proxy]]:
-    made: list[H2Proxy] = []
-
-    def make(http2: HTTP2Settings | None = None, **overrides: Any) -> H2Proxy:
-        settings = http2 or HTTP2Settings(h2c=True)
-        log = overrides.pop("access_log", None)
-        perClient = overrides.pop("max_connections_per_client", 0)
-
-        def site(resource: Any, reactor: Any) -> Any:
-            return build_site(
-                resource,
-                reactor,
-                http2=settings,
-                access_log=log,
-                max_connections_per_client=perClient,
-            )
-
-        h2proxy = H2Proxy(make_proxy(site_factory=site, **overrides), ca)
-        made.append(h2proxy)
-        return h2proxy
-
-    yield make
-    for h2proxy in made:
-        pytest_twisted.blockon(h2proxy.tls.stopListening())
-
-
-@pytest.fixture
-def h2proxy(make_h2: Callable[..., H2Proxy]) -> H2Proxy:
-    return make_h2()
 
 
 def seen_header(fapi: Any, name: str, index: int = -1) -> list[str]:

@@ -19,6 +19,7 @@ from h2client import (
     request_headers,
     within,
 )
+from helpers import H2Proxy, h2proxy, make_h2, sleep  # noqa: F401  (fixtures)
 from hpack import Encoder
 from hyperframe.frame import (
     DataFrame,
@@ -28,7 +29,6 @@ from hyperframe.frame import (
     RstStreamFrame,
     SettingsFrame,
 )
-from test_http2 import H2Proxy, h2proxy, make_h2, sleep  # noqa: F401  (fixtures)
 from twisted.internet.task import Clock
 
 from clerkproxy._deadlines import Deadlines

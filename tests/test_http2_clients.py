@@ -26,16 +26,12 @@ import trustme
 from conftest import reactor
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from test_http2 import H2Proxy, make_h2  # noqa: F401  (fixture)
+from helpers import H2Proxy, edge_with_app, make_h2  # noqa: F401  (fixture)
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from clerkproxy import build_site
-from clerkproxy._config import Timeouts
 from clerkproxy._h2 import HTTP2Settings
-from clerkproxy._proxy import AppProxy, EdgeRouter
-from clerkproxy._upstream import UpstreamPool, app_endpoint
 
 NGHTTP = shutil.which("nghttp")
 H2LOAD = shutil.which("h2load")
@@ -125,26 +121,9 @@ async def test_a_browser_loads_page_and_script_over_http2(
     appSite.log = lambda request: None  # type: ignore[method-assign]
     appPort = reactor.listenTCP(0, appSite, interface="127.0.0.1")
 
-    def edge(resource: Any, clock: Any) -> Any:
-        pool = UpstreamPool(
-            clock,
-            app_endpoint(clock, "127.0.0.1", appPort.getHost().port, False, 5.0),
-        )
-        app = AppProxy(
-            clock,
-            pool,
-            b"app.internal",
-            b"",
-            resource.clientAddress,
-            1 << 20,
-            Timeouts(5.0),
-            resource.metrics,
-        )
-        return build_site(EdgeRouter(resource, app), clock, http2=HTTP2Settings())
-
     from conftest import _server_options
 
-    proxy = make_proxy(site_factory=edge)
+    proxy = make_proxy(site_factory=edge_with_app(appPort, http2=HTTP2Settings()))
     cert = ca.issue_cert("localhost", "127.0.0.1")
     tls = reactor.listenSSL(0, proxy.site, _server_options(cert), interface="127.0.0.1")
     try:

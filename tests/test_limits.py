@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import connect_raw, parse_response, raw_request, reactor, within
-from test_channel import Recording
+from helpers import Recording
 from twisted.internet import task
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 

@@ -14,7 +14,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,16 @@ import pytest
 import pytest_twisted
 import trustme
 from conftest import SECRET, connect_raw, parse_response, raw_request, reactor, within
+from helpers import AppEcho, edge_with_app, free_port, start_against, wait_listening
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import free_port, start_against, wait_listening
 from twisted.internet import task
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from clerkproxy import build_site
 from clerkproxy._accesslog import AccessLog
 from clerkproxy._admin import admin_site
-from clerkproxy._config import Timeouts
-from clerkproxy._proxy import AppProxy, EdgeRouter
-from clerkproxy._upstream import UpstreamPool, app_endpoint
 
 
 def sleep(seconds: float) -> Any:
@@ -352,51 +347,6 @@ async def test_access_log_lines_are_json_and_redacted(
 # -- app routing ------------------------------------------------------------------------
 
 
-class AppEcho(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[dict[str, Any]] = []
-
-    def render(self, request: Any) -> bytes:
-        self.seen.append(
-            {
-                "uri": request.uri,
-                "headers": {
-                    k.decode(): [v.decode() for v in vs]
-                    for k, vs in request.requestHeaders.getAllRawHeaders()
-                },
-                "body": request.content.read(),
-            }
-        )
-        return b"app says hi"
-
-
-def edge_with_app(appPort: Any) -> Callable[[Any, Any], Any]:
-    """A site factory for make_proxy: FAPI under the prefix, and the app
-    listening on C{appPort} (as C{app.internal}) for everything else."""
-
-    def with_app(resource: Any, clock: Any) -> Any:
-        pool = UpstreamPool(
-            clock,
-            app_endpoint(clock, "127.0.0.1", appPort.getHost().port, False, 5.0),
-        )
-        app = AppProxy(
-            clock,
-            pool,
-            b"app.internal",
-            b"",
-            resource.clientAddress,
-            1 << 20,
-            Timeouts(5.0),
-            resource.metrics,
-        )
-        return build_site(EdgeRouter(resource, app), clock)
-
-    return with_app
-
-
 @pytest_twisted.ensureDeferred
 async def test_everything_outside_the_prefix_goes_to_the_app(
     make_proxy: Any, fapi: Any
@@ -506,7 +456,7 @@ def _key(where: Path) -> Path:
 
 
 def test_twist_emits_json_events(ca: trustme.CA, tmp_path: Path) -> None:
-    from test_cli import TWISTD
+    from helpers import TWISTD
 
     twist = str(Path(TWISTD).with_name("twist"))
     port = free_port()

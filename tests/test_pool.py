@@ -5,68 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from zope.interface import implementer
+from helpers import HEAD, FakeEndpoint, Recorder, serve_one
+from twisted.internet.defer import CancelledError
+from twisted.internet.testing import MemoryReactorClock
 
 from clerkproxy._upstream import UpstreamPool
-
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-@implementer(IStreamClientEndpoint)
-class FakeEndpoint:
-    """Connection attempts the test completes (or fails) by hand."""
-
-    def __init__(self) -> None:
-        self.attempts: list[tuple[Any, Deferred[Any]]] = []
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.attempts.append((factory, d))
-        return d
-
-    def complete(self, index: int = -1) -> tuple[Any, StringTransport]:
-        factory, d = self.attempts[index]
-        proto = factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        d.callback(proto)
-        return proto, transport
-
-
-class Recorder:
-    """An exchange that writes down what its connection tells it."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-
-    def responseStarted(
-        self, code: int, phrase: bytes, headers: Any, length: Any, connection: Any
-    ) -> None:
-        self.events.append(("start", code, phrase, headers, length, connection))
-
-    def responseData(self, data: bytes) -> None:
-        self.events.append(("data", data))
-
-    def responseDone(self) -> None:
-        self.events.append(("done",))
-
-    def upstreamFailed(self, reason: Any, nothingReceived: bool) -> None:
-        self.events.append(("failed", reason, nothingReceived))
-
-
-HEAD = b"GET / HTTP/1.1\r\nHost: fapi.test\r\n\r\n"
-
-
-def serve_one(proto: Any, transport: StringTransport) -> Recorder:
-    """Send a GET on C{proto} and answer it, so the connection goes idle."""
-    exchange = Recorder()
-    proto.send(exchange, HEAD, False, None)
-    transport.clear()
-    proto.dataReceived(RESPONSE)
-    return exchange
 
 
 def pool(

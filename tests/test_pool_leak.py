@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 import standin
 from conftest import connect_raw, reactor, trust_root, within
-from test_pool import FakeEndpoint
+from helpers import FakeEndpoint
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from conftest import parse_response
+from helpers import KEY_A, KEY_B, _read_response, settings_for
 from pebble import free_port
 from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThread
@@ -19,14 +19,10 @@ from twisted.internet.threads import deferToThread
 from clerkproxy._config import ConfigError
 from clerkproxy._endpoints import server_endpoint
 from clerkproxy._serve import build_service
-from clerkproxy._settings import read_settings
 from clerkproxy._sites import ACME_KEYS, GLOBAL_KEYS, SITE_KEYS, load_config
-from clerkproxy.tap import Options
 
 reactor: Any = _reactor
 DOCS = Path(__file__).parent.parent / "docs"
-KEY_A = "sk_live_" + "a" * 40
-KEY_B = "sk_live_" + "b" * 40
 
 
 def _write_cert(ca: trustme.CA, where: Path, *names: str) -> tuple[str, str]:
@@ -67,14 +63,6 @@ tls_key = "{keyB}"
     return config
 
 
-def settings_for(argv: list[str], environ: dict[str, str] | None = None) -> Any:
-    options = Options()
-    # Parse without postOptions' environment: use ours.
-    options.postOptions = lambda: None  # type: ignore[method-assign]
-    options.parseOptions(argv)
-    return read_settings(options, environ or {"KEY_FOR_B": KEY_B}, argv)
-
-
 def https_get(
     port: int, ca: trustme.CA, sni: str, requests: list[bytes]
 ) -> list[tuple[int, dict[bytes, bytes], bytes]]:
@@ -88,24 +76,6 @@ def https_get(
             tls.sendall(request)
             answers.append(_read_response(tls))
     return answers
-
-
-def _read_response(sock: Any) -> tuple[int, dict[bytes, bytes], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    status, headers, body = parse_response(data)
-    fields = dict(headers)
-    length = int(fields.get(b"content-length", b"0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, fields, body
 
 
 def get(host: str, path: str = "/v1/client") -> bytes:

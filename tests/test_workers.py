@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from test_cli import free_port, start_against, stop, twistd, wait_listening
+from helpers import free_port, start_against, stop, twistd, wait_listening
 from twisted.internet.threads import deferToThread
 
 from clerkproxy._config import ConfigError
