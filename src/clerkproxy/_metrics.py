@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import (
@@ -173,13 +173,13 @@ class MetricsCollector(Collector):
             "Requests waiting for an upstream connection.",
             value=pools.get("queued", 0),
         )
-        errors = CounterMetricFamily(
-            "clerkproxy_upstream_errors", "Upstream failures, by kind.", labels=["kind"]
+        yield _counters(
+            "clerkproxy_upstream_errors",
+            "Upstream failures, by kind.",
+            "kind",
+            sorted(m.upstreamErrors.items()),
         )
-        for kind, n in sorted(m.upstreamErrors.items()):
-            errors.add_metric([kind], n)
-        yield errors
-        http2 = CounterMetricFamily(
+        yield _counters(
             "clerkproxy_http2_events",
             "HTTP/2 defences that acted: connections refused (rapid_reset, "
             "continuation_flood, header_list_too_large, settings_flood, "
@@ -187,11 +187,9 @@ class MetricsCollector(Collector):
             "stream_limit, protocol_error) and streams reset "
             "(reset_before_forwarding, content_length_mismatch, "
             "malformed_request).",
-            labels=["kind"],
+            "kind",
+            sorted(m.http2Events.items()),
         )
-        for kind, n in sorted(m.http2Events.items()):
-            http2.add_metric([kind], n)
-        yield http2
         if m.siteRequests:
             sites = CounterMetricFamily(
                 "clerkproxy_site_requests",
@@ -217,24 +215,30 @@ class MetricsCollector(Collector):
             "Failed attempts to obtain or renew a certificate over ACME.",
             value=m.acmeFailures,
         )
-        timeouts = CounterMetricFamily(
+        yield _counters(
             "clerkproxy_timeouts",
             "Deadlines that passed, by phase: header, body, upstream, "
             "upstream_read, send, idle.",
-            labels=["phase"],
+            "phase",
+            m.timeouts.items(),
         )
-        for phase, n in m.timeouts.items():
-            timeouts.add_metric([phase], n)
-        yield timeouts
-        rejected = CounterMetricFamily(
+        yield _counters(
             "clerkproxy_connections_rejected",
             "Client connections closed unserved, by reason (per_client: over "
             "--max-connections-per-client).",
-            labels=["reason"],
+            "reason",
+            sorted(m.connectionsRejected.items()),
         )
-        for reason, n in sorted(m.connectionsRejected.items()):
-            rejected.add_metric([reason], n)
-        yield rejected
+
+
+def _counters(
+    name: str, documentation: str, label: str, counts: Iterable[tuple[str, int]]
+) -> Metric:
+    """A counter family with one sample per C{(label value, count)}, in order."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, n in counts:
+        family.add_metric([value], n)
+    return family
 
 
 def _histogram(name: str, documentation: str, h: Histogram) -> Metric:
