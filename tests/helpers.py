@@ -257,6 +257,27 @@ def start_against(
     return start([*ports, *options], key_file)
 
 
+def start_with_admin(
+    fapi: Any, ca: trustme.CA, where: Path, *options: str
+) -> tuple[subprocess.Popen[str], int, int]:
+    """L{start_against} listening on a free port, with the admin listener on
+    another; returns the process and the two ports."""
+    port, admin = free_port(), free_port()
+    process = start_against(
+        fapi,
+        ca,
+        where,
+        [
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--admin-port",
+            f"tcp:{admin}:interface=127.0.0.1",
+            *options,
+        ],
+    )
+    return process, port, admin
+
+
 def stop(process: subprocess.Popen[str]) -> str:
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=20)

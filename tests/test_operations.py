@@ -21,7 +21,14 @@ import pytest
 import pytest_twisted
 import trustme
 from conftest import SECRET, connect_raw, parse_response, raw_request, reactor, within
-from helpers import AppEcho, edge_with_app, free_port, start_against, wait_listening
+from helpers import (
+    AppEcho,
+    edge_with_app,
+    free_port,
+    start_against,
+    start_with_admin,
+    wait_listening,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 from twisted.internet.error import ConnectionRefusedError
@@ -53,20 +60,7 @@ async def admin_get(port: int, path: str) -> tuple[int, bytes]:
 async def test_sigterm_drains_in_flight_requests_then_exits_zero(
     fapi: Any, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    port, admin = free_port(), free_port()
-    process = start_against(
-        fapi,
-        ca,
-        tmp_path,
-        [
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--admin-port",
-            f"tcp:{admin}:interface=127.0.0.1",
-            "--drain-timeout",
-            "10",
-        ],
-    )
+    process, port, admin = start_with_admin(fapi, ca, tmp_path, "--drain-timeout", "10")
     await deferToThread(wait_listening, port, process)
     await deferToThread(wait_listening, admin, process)
     assert (await admin_get(admin, "/readyz"))[0] == 200

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from helpers import free_port, start_against, stop, twistd, wait_listening
+from helpers import (
+    free_port,
+    start_against,
+    start_with_admin,
+    stop,
+    twistd,
+    wait_listening,
+)
 from twisted.internet.threads import deferToThread
 
 from clerkproxy._config import ConfigError
@@ -199,20 +206,7 @@ def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
 async def test_one_admin_port_adds_up_every_worker(
     fapi: Any, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    port, admin = free_port(), free_port()
-    process = start_against(
-        fapi,
-        ca,
-        tmp_path,
-        [
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--workers",
-            "2",
-            "--admin-port",
-            f"tcp:{admin}:interface=127.0.0.1",
-        ],
-    )
+    process, port, admin = start_with_admin(fapi, ca, tmp_path, "--workers", "2")
 
     def scenario() -> dict[str, Any]:
         wait_listening(port, process)
