@@ -61,6 +61,14 @@ def leaks(logged: str, secret: str) -> bool:
         (f"/v1/client?__clerk_db_jwt={TOKEN}", TOKEN),
         (f"/v1/client?rotating_token_nonce={TOKEN}", TOKEN),
         (f"/v1/client?__client={TOKEN}", TOKEN),
+        # Separators inside a value, encoded: the whole value goes.
+        ("/v1/client?__clerk_testing_token=abc+def/ghi==", "def/ghi"),
+        ("/v1/client?rotating_token_nonce=AbC%2BdEf%2Fgh%3D%3D", "dEf"),
+        ("/v1/client?__clerk_handshake_nonce=abc%26defsecret", "defsecret"),
+        ("/v1/client?__clerk_db_jwt=dvb_abc%23fragsecret", "fragsecret"),
+        # Clerk's suffixed cookie names.
+        (f"/v1/client?__session_Ab12Cd={TOKEN}", TOKEN),
+        (f"/v1/client?__clerk_db_jwt_Ab12Cd={TOKEN}", TOKEN),
     ],
 )
 def test_every_spelling_is_redacted(target: str, secret: str) -> None:

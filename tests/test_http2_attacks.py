@@ -220,3 +220,21 @@ async def test_a_reader_that_never_opens_its_window_is_cut_by_the_send_deadline(
     client.conn.increment_flow_control_window(1 << 20)
     client.flush()
     assert (await client.get("/__clerk/v1/client")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_huge_hpack_table_allowance_is_not_taken(
+    h2proxy: H2Proxy, fapi: Any
+) -> None:
+    """
+    A client that allows a 2 GiB table for our response headers would have
+    every new header value kept for the connection's life; the encoder
+    stays at 4 KiB and tells the client so with a table size update.
+    """
+    client = await h2proxy.client()
+    client.conn.update_settings({SettingCodes.HEADER_TABLE_SIZE: 2**31 - 1})
+    client.flush()
+    await sleep(0.1)  # the settings are acknowledged
+    for _ in range(3):
+        assert (await client.get("/__clerk/v1/client")).status == 200
+    assert client.conn.decoder.header_table.maxsize <= 4096

@@ -36,7 +36,12 @@ SENSITIVE = frozenset(
         "rotating_token_nonce",
     }
 )
-_NAMES = "|".join(re.escape(name) for name in sorted(SENSITIVE, key=len, reverse=True))
+#: Names Clerk also uses with a suffix of its own (C{__session_Ab12Cd}).
+_SUFFIXED = frozenset({"__session", "__clerk_db_jwt"})
+_NAMES = "|".join(
+    re.escape(name) + ("(?:_[A-Za-z0-9]+)?" if name in _SUFFIXED else "")
+    for name in sorted(SENSITIVE, key=len, reverse=True)
+)
 # A name, an "=" (spaces allowed around it), and everything up to the next
 # separator of any kind: "&", ";", "#", white space.
 _CREDENTIAL = re.compile(rf"({_NAMES})(\s*=\s*)[^&;#\s]*", re.IGNORECASE)
@@ -51,34 +56,39 @@ _MAX_ROUNDS = 8
 _PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))
 
 
-def _decoded(text: str) -> str | None:
-    """C{text} percent- and plus-decoded until it no longer changes."""
-    for _ in range(_MAX_ROUNDS):
-        if "%" not in text and "+" not in text:
-            return text
-        decoded = unquote_plus(text, encoding="latin-1")
-        if decoded == text:
-            return text
-        text = decoded
-    return None
+def _named(text: str) -> str:
+    return _CREDENTIAL.sub(rf"\g<1>\g<2>{REDACTED}", text)
 
 
 def redact_target(target: bytes) -> str:
     """
     The request target with credentials replaced by C{REDACTED}.
 
-    The target is decoded first, as many times as it takes to stop
-    changing (so C{__session%3D...}, C{%5F%5Fsession=}, a double-encoded
+    Named values are replaced, then the target is percent- and
+    plus-decoded, and the two are repeated until decoding changes nothing;
+    JWT-shaped values are replaced last, in the fully decoded text: so
+    C{__session%3D...}, C{%5F%5Fsession=}, a double-encoded
     C{redirect_url} and a JWT whose dots are C{%2E} all look like what they
-    are), then every sensitive name's value and every JWT-shaped value is
-    replaced.  What is logged is that decoded, redacted form, with anything
+    are, and a value is replaced whole while the separators inside it
+    (C{+}, C{%2B}, C{%26}, C{%23}) are still encoded rather than cutting
+    it short.  What is logged is the decoded, redacted form, with anything
     but printable ASCII percent-encoded again: decoding the logged text
-    cannot bring a credential back.
+    cannot bring a credential back.  A target still changing after
+    C{_MAX_ROUNDS} decodings is logged as C{REDACTED} whole.
     """
-    text = _decoded(target.decode("latin-1"))
-    if text is None:
+    text = target.decode("latin-1")
+    for _ in range(_MAX_ROUNDS):
+        text = _named(text)
+        if "%" not in text and "+" not in text:
+            break
+        decoded = unquote_plus(text, encoding="latin-1")
+        if decoded == text:
+            break
+        text = decoded
+    else:
         return REDACTED
-    text = _CREDENTIAL.sub(rf"\g<1>\g<2>{REDACTED}", text)
+    # JWT-shaped values are matched once fully decoded, when an encoded
+    # dot can no longer cut one short.
     text = _JWT.sub(REDACTED, text)
     if all(c in _PRINTABLE for c in text):
         return text

@@ -91,6 +91,8 @@ _STREAM_BUFFER = 64 * 1024
 #: More CONTINUATION frames than this in one header block closes the
 #: connection, whatever their size.
 _MAX_CONTINUATIONS = 32
+#: The most HPACK table our responses' encoder keeps, whatever a client allows.
+_ENCODER_TABLE_SIZE = 4096
 #: How long a connection told to go away may take to read its last bytes.
 _CLOSE_GRACE = 5.0
 #: Response header fields that HTTP/2 forbids (RFC 9113 section 8.2.2).
@@ -1048,6 +1050,12 @@ class H2Connection(Protocol):
             self._sendBlocked()
 
     def _settingsChanged(self, event: h2.events.RemoteSettingsChanged) -> None:
+        # A client may allow any HPACK table size for our responses; h2
+        # adopts it, and nothing would ever be evicted from a table of 2 GiB.
+        # RFC 7541 lets the encoder use less than the peer allows.
+        changed = event.changed_settings.get(h2.settings.SettingCodes.HEADER_TABLE_SIZE)
+        if changed is not None and changed.new_value > _ENCODER_TABLE_SIZE:
+            self._conn.encoder.header_table_size = _ENCODER_TABLE_SIZE
         self._sendBlocked()
 
     def _goAway(self, event: h2.events.ConnectionTerminated) -> None:
