@@ -18,13 +18,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._reader import DATA, HEAD, NEED_DATA, ResponseReader, UpstreamProtocolError
+from ._sockets import tcp_transport
 from ._twisted_compat import write_now
 
 __all__ = ["IExchange", "UpstreamConnection", "UpstreamProtocolError"]
@@ -181,11 +182,9 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         # Request heads and body chunks are written as they come: do not let
-        # Nagle hold one back for the previous one's ACK.  Under TLS the TCP
-        # transport is one level down.
-        transport: Any = self.transport
-        tcp = getattr(transport, "transport", transport)
-        if ITCPTransport.providedBy(tcp):
+        # Nagle hold one back for the previous one's ACK.
+        tcp = tcp_transport(self.transport)
+        if tcp is not None:
             tcp.setTcpNoDelay(True)
 
     @property
