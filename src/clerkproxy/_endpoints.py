@@ -44,6 +44,7 @@ from zope.interface import implementer
 from ._config import ConfigError
 from ._forwarded import valid_port
 from ._sni import ServerTLS
+from ._tcp_compat import coalesce_port
 from ._twisted_compat import parse_endpoint_description
 
 __all__ = [
@@ -106,6 +107,12 @@ def server_endpoint(
     reactor: Any, description: str, tls: ServerTLS | None
 ) -> IStreamServerEndpoint:
     """A C{--port} value as an endpoint; see the module docstring."""
+    return _Coalescing(_server_endpoint(reactor, description, tls))
+
+
+def _server_endpoint(
+    reactor: Any, description: str, tls: ServerTLS | None
+) -> IStreamServerEndpoint:
     if description.startswith("tls:"):
         if tls is None:
             raise ConfigError(f"--port {description!r} needs --tls-cert and --tls-key")
@@ -192,7 +199,22 @@ def adopted_endpoint(
     if kind.endswith("tls"):
         assert tls is not None, "a tls socket needs the serving certificate"
         endpoint = _TLSEndpoint(endpoint, tls)
-    return endpoint
+    return _Coalescing(endpoint)
+
+
+@implementer(IStreamServerEndpoint)
+class _Coalescing:
+    """
+    Listens through C{inner}, and has the TCP port it gets hand out
+    connections whose writes are gathered into one C{send} per reactor
+    turn (L{coalesce_port}).
+    """
+
+    def __init__(self, inner: IStreamServerEndpoint) -> None:
+        self._inner = inner
+
+    def listen(self, factory: Any) -> Any:
+        return self._inner.listen(factory).addCallback(coalesce_port)
 
 
 @implementer(IStreamServerEndpoint)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -779,7 +780,7 @@ def _kind(reason: Failure) -> str:
         return "dns"
     if reason.check(ConnectError, ConnectionRefusedError, ConnectingCancelledError):
         return "connect"
-    if reason.check(SSL.Error, VerificationError, CertificateError):
+    if reason.check(ssl.SSLError, SSL.Error, VerificationError, CertificateError):
         return "tls"
     if reason.check(UpstreamProtocolError):
         return "protocol"
@@ -802,7 +803,7 @@ def _describe(reason: Failure) -> str:
                 text = sub.getErrorMessage()[:120] if sub.type else ""
                 names.append(f"{sub.type.__name__ if sub.type else '?'}({text})")
     elif reason.type is not None and reason.type.__module__.startswith(
-        ("twisted.internet", "OpenSSL", "clerkproxy._client")
+        ("twisted.internet", "OpenSSL", "ssl", "clerkproxy._client")
     ):
         names.append(reason.getErrorMessage()[:160])
     return ": ".join(names)

@@ -14,6 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet._sslverify import (
+    OpenSSLCertificateAuthorities,
+    OpenSSLDefaultPaths,
+)
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -41,6 +45,7 @@ __all__ = [
     "request_version",
     "set_request_line",
     "start_head",
+    "trust_root_pems",
     "write_blocked",
     "write_buffered",
     "write_now",
@@ -231,3 +236,23 @@ def write_blocked(channel: Any) -> bool:
     request's is after the answer before it filled the socket.
     """
     return bool(getattr(channel, "_waitingForTransport", False))
+
+
+def trust_root_pems(root: object) -> bytes | None:
+    """
+    The CA certificates a Twisted trust root stands for, as concatenated
+    PEM, for a TLS stack other than pyOpenSSL: C{b""} for the platform's
+    own roots (C{platformTrust()}, an C{OpenSSLDefaultPaths}); the
+    certificates of a C{trustRootFromCertificates} root (an
+    C{OpenSSLCertificateAuthorities}, which keeps them in C{_caCerts});
+    L{None} for any other kind, whose certificates cannot be read back.
+    """
+    if isinstance(root, OpenSSLDefaultPaths):
+        return b""
+    if isinstance(root, OpenSSLCertificateAuthorities):
+        from OpenSSL import crypto
+
+        return b"".join(
+            crypto.dump_certificate(crypto.FILETYPE_PEM, cert) for cert in root._caCerts
+        )
+    return None

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._client import UpstreamConnection
+from ._upstream_tls import UpstreamTLSEndpoint, client_context
 
 if TYPE_CHECKING:
     from ._twisted_compat import IOpenSSLTrustRoot
@@ -70,14 +71,22 @@ def fapi_endpoint(
     connectTimeout: float,
 ) -> IStreamClientEndpoint:
     """
-    A TLS client endpoint for FAPI: certificate chain and hostname verified
-    (C{service_identity}), SNI sent, HTTP/1.1 offered by ALPN.  There is no
-    way to turn verification off; pass C{trustRoot} for a private CA.
+    A TLS client endpoint for FAPI: certificate chain and host name
+    verified, SNI sent, HTTP/1.1 offered by ALPN.  There is no way to turn
+    verification off; pass C{trustRoot} for a private CA.
+
+    TLS is the standard library's (L{UpstreamTLSEndpoint}), for the
+    platform's roots and for roots from C{trustRootFromCertificates};
+    Twisted's own (verified with C{service_identity}) for any other kind of
+    trust root, whose certificates only pyOpenSSL can use.
     """
+    tcp = HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
+    context = client_context(trustRoot)
+    if context is not None:
+        return UpstreamTLSEndpoint(reactor, tcp, context, host)
     options = optionsForClientTLS(
         host, trustRoot=trustRoot, acceptableProtocols=[b"http/1.1"]
     )
-    tcp = HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
     return wrapClientTLS(options, tcp)
 
 
@@ -86,11 +95,9 @@ def app_endpoint(
 ) -> IStreamClientEndpoint:
     """The application's origin: plain TCP, or TLS verified against the
     platform's trust store."""
-    tcp = HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
     if not tls:
-        return tcp
-    options = optionsForClientTLS(host, acceptableProtocols=[b"http/1.1"])
-    return wrapClientTLS(options, tcp)
+        return HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
+    return fapi_endpoint(reactor, host, port, None, connectTimeout)
 
 
 class UpstreamPool:
