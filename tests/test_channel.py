@@ -75,6 +75,59 @@ def test_bodiless_requests_take_the_ordinary_path() -> None:
     assert transport.value().endswith(b"plain")
 
 
+def test_bodiless_requests_skip_twisteds_query_parsing_and_default_headers() -> None:
+    """A bodiless request for a streaming resource is rendered without the
+    work Twisted's process() does for any resource: args stay empty (the
+    query is in uri), no Server or Date header is added, and the
+    connection stays open for the next request."""
+    seen: list[Any] = []
+
+    class Looking(Recording):
+        def render(self, request: Any) -> Any:
+            seen.append((request.args, request.uri, request.path, request.postpath))
+            return super().render(request)
+
+    resource = Looking()
+    protocol, transport = connect(resource)
+    protocol.dataReceived(b"GET /x/y?a=1&b=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert seen == [({}, b"/x/y?a=1&b=2", b"/x/y", [b"x", b"y"])]
+    answer = transport.value()
+    assert answer.endswith(b"plain")
+    assert b"Server:" not in answer and b"Date:" not in answer
+    transport.clear()
+    protocol.dataReceived(b"GET /z HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().endswith(b"plain")
+    assert len(seen) == 2
+
+
+def test_bodiless_requests_for_other_resources_keep_twisteds_path() -> None:
+    """A resource that does not stream still gets parsed args and
+    Twisted's default headers for a bodiless request."""
+    seen: list[Any] = []
+
+    class Plain(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(request.args)
+            return b"plain"
+
+    protocol, transport = connect(Plain())
+    protocol.dataReceived(b"GET /x?a=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert seen == [{b"a": [b"1"]}]
+    assert b"Date:" in transport.value()
+
+
+def test_a_bodiless_render_that_raises_gets_a_500() -> None:
+    class Broken(Recording):
+        def render(self, request: Any) -> Any:
+            raise RuntimeError("boom")
+
+    protocol, transport = connect(Broken())
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 500 ")
+
+
 def test_plain_resources_are_served_buffered() -> None:
     class Plain(Resource):
         isLeaf = True

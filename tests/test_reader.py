@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from clerkproxy._reader import Event, ResponseReader, UpstreamProtocolError
@@ -427,3 +427,61 @@ def test_any_bytes_give_the_same_outcome_in_any_reads(
 ) -> None:
     for response in (garbage, OK_HEAD + garbage, CHUNKED + garbage):
         assert read(response) == read(response, splits=cuts)
+
+
+# -- the field lines checked at once ------------------------------------------
+
+_NAME = st.lists(
+    st.sampled_from([b"a", b"Z", b"-", b"!", b"0", b" ", b"(", b"\x80", b"\x00"]),
+    max_size=4,
+).map(b"".join)
+_VALUE = st.lists(
+    st.sampled_from(
+        [b"v", b" ", b"\t", b":", b"\x00", b"\r", b"\n", b"\x7f", b"\x01", b"\xff"]
+    ),
+    max_size=4,
+).map(b"".join)
+_FIELD_LINE = st.tuples(_NAME, st.sampled_from([b":", b"", b";"]), _VALUE).map(b"".join)
+
+
+def _per_line_verdict(lines: list[bytes]) -> bool:
+    """The rules _parseHead states line by line: a token, a colon, and a
+    value with no NUL, CR or LF."""
+    import re
+
+    token = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not token.match(name) or re.search(rb"[\x00\r\n]", value):
+            return False
+    return True
+
+
+@settings(max_examples=500)
+@given(st.lists(_FIELD_LINE, min_size=1, max_size=4))
+@example([b"a:\x00"])
+@example([b"a: v", b"b:\x00v"])
+@example([b"a:\rv"])
+@example([b"a:v\n"])
+@example([b"a v:1"])
+@example([b"a"])
+@example([b"a:1", b""])
+@example([b"\x80:1"])
+@example([b"Set-Cookie: a=b", b"X-Y:"])
+def test_field_block_accepts_what_the_line_checks_accept(lines: list[bytes]) -> None:
+    """The one pattern over all field lines agrees with the checks line by
+    line on every head, and a head the pattern refuses gets the per-line
+    error, never a parsed answer."""
+    from clerkproxy._reader import _FIELD_BLOCK, _parseHead
+
+    head = b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(lines)
+    # Split as the reader does: a CRLF inside a "line" starts another line.
+    real = head.split(b"\r\n")[1:]
+    verdict = _per_line_verdict(real)
+    assert (_FIELD_BLOCK(head, len(b"HTTP/1.1 200 OK\r\n")) is not None) == verdict
+    if verdict:
+        parsed = _parseHead(head + b"\r\nContent-Length: 0", False)
+        assert parsed is not None
+    else:
+        with pytest.raises(UpstreamProtocolError):
+            _parseHead(head, False)

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import enum
 import re
-
-from twisted.web.http_headers import InvalidHeaderName
+from typing import NoReturn
 
 from ._twisted_compat import encode_header_name
 
@@ -59,8 +58,14 @@ __all__ = [
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 4096
 NO_BODY_STATUS = (204, 304)
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TCHAR + rb"+\Z").match
 _BAD_VALUE = re.compile(rb"[\x00\r\n]").search
+#: Every field line of a head at once (the head's lines after the status
+#: line, CRLF-separated): what the per-line checks in L{_parseHead} accept.
+_FIELD_BLOCK = re.compile(
+    rb"(?:" + _TCHAR + rb"+:[^\x00\r\n]*\r\n)*" + _TCHAR + rb"+:[^\x00\r\n]*"
+).fullmatch
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (.*))?\Z", re.DOTALL).match
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z").match
 _MAX_LENGTH_DIGITS = 19
@@ -385,26 +390,45 @@ def _parseHead(head: bytes, isHead: bool) -> ResponseHead | None:
         raise UpstreamProtocolError("malformed status code")
     if phrase and _BAD_VALUE(phrase):
         raise UpstreamProtocolError("forbidden character in the reason phrase")
+    if len(lines) > 1 and _FIELD_BLOCK(head, len(lines[0]) + 2) is None:
+        _refuseFieldLines(lines)
+    # Every field line is a token, a colon and a value free of NUL, CR and
+    # LF: one pattern checked them all at once.
     headers: dict[bytes, list[bytes]] = {}
     connection: dict[bytes, list[bytes]] = {}
     encode = encode_header_name
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN(name):
-            raise UpstreamProtocolError("malformed header line")
-        value = value.strip(b" \t")
-        if _BAD_VALUE(value):
-            raise UpstreamProtocolError("forbidden character in a header value")
-        try:
-            name = encode(name)
-        except InvalidHeaderName:
-            raise UpstreamProtocolError("malformed header name") from None
+        name, _, value = line.partition(b":")
+        name = encode(name)
         target = connection if name in CONNECTION_CONTROL else headers
         values = target.get(name)
         if values is None:
-            target[name] = [value]
+            target[name] = [value.strip(b" \t")]
         else:
-            values.append(value)
+            values.append(value.strip(b" \t"))
+    return _finishHead(minor, code, phrase, headers, connection, isHead)
+
+
+def _refuseFieldLines(lines: list[bytes]) -> NoReturn:
+    """Say what is wrong with the first bad line of a head's field lines."""
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN(name):
+            raise UpstreamProtocolError("malformed header line")
+        if _BAD_VALUE(value):
+            raise UpstreamProtocolError("forbidden character in a header value")
+    raise UpstreamProtocolError("malformed header line")  # pragma: no cover
+
+
+def _finishHead(
+    minor: bytes,
+    code: int,
+    phrase: bytes | None,
+    headers: dict[bytes, list[bytes]],
+    connection: dict[bytes, list[bytes]],
+    isHead: bool,
+) -> ResponseHead | None:
+    """The framing of a parsed head: its length, coding and persistence."""
     if code < 200:
         if code == 101:
             raise UpstreamProtocolError("FAPI switched protocols")

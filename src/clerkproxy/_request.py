@@ -44,6 +44,7 @@ class StreamingRequest(server.Request):
 
     _receiver: IRequestBodyReceiver | None = None
     _streaming = False
+    _bodiless = False
     _onLost: Callable[[], object] | None = None
     # The site's hooks, if it provides them; found once, at gotLength.
     _siteHooks: IStreamingSite | None = None
@@ -71,14 +72,31 @@ class StreamingRequest(server.Request):
             self._siteHooks = site
             site.requestStarted(self)
         if length == 0:
-            # Nothing to stream: the ordinary path answers bodiless requests
-            # with no extra work.
+            # Nothing to stream: the resource is found once the request is
+            # complete, in requestReceived.
+            self._bodiless = True
             server.Request.gotLength(self, length)
             return
         method, target, version = request_line(channel)
-        if target[:1] != b"/":
+        resource = self._locate(method, target, version)
+        if resource is None:
             server.Request.gotLength(self, length)
             return
+        self._streaming = True
+        self._receiver = resource.renderStreaming(self, length)
+
+    def _locate(
+        self, method: bytes, target: bytes, version: bytes
+    ) -> IStreamingResource | None:
+        """
+        Find the resource for a request line, as C{process} would, and
+        return it if it provides L{IStreamingResource}.  The request is
+        then set up as C{requestReceived} and C{process} leave it, but for
+        C{args}: a streaming resource gets the query in C{uri}, unparsed,
+        and Twisted's default C{Server} and C{Date} headers are not set.
+        """
+        if target[:1] != b"/":
+            return None
         self.method = method
         self.uri = target
         self.clientproto = version
@@ -86,16 +104,15 @@ class StreamingRequest(server.Request):
         self.args = {}
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        channel: Any = self.channel
         try:
             resource = channel.site.getResourceFor(self)
         except Exception:
-            resource = None  # process() will meet the same error and report it
+            return None  # process() will meet the same error and report it
         if not IStreamingResource.providedBy(resource):
-            server.Request.gotLength(self, length)
-            return
-        self._streaming = True
+            return None
         self.site = channel.site
-        self._receiver = resource.renderStreaming(self, length)
+        return resource
 
     def handleContentChunk(self, data: bytes) -> None:
         if not self._streaming:
@@ -104,12 +121,24 @@ class StreamingRequest(server.Request):
             self._receiver.bodyDataReceived(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._streaming:
-            server.Request.requestReceived(self, command, path, version)
+        if self._streaming:
+            self.bodyComplete = True
+            if self._receiver is not None and not self.finished:
+                self._receiver.bodyDone()
             return
-        self.bodyComplete = True
-        if self._receiver is not None and not self.finished:
-            self._receiver.bodyDone()
+        if self._bodiless:
+            # A request without a body, for a streaming resource, is
+            # rendered as C{process} would, less Twisted's query and form
+            # parsing and default headers (which the proxy's answer
+            # replaces anyway).
+            resource = self._locate(command, path, version)
+            if resource is not None:
+                try:
+                    self.render(resource)  # type: ignore[no-untyped-call]
+                except Exception:
+                    self.processingFailed(Failure())  # type: ignore[no-untyped-call]
+                return
+        server.Request.requestReceived(self, command, path, version)
 
     def refuseBody(self, status: int) -> bool:
         """

@@ -140,8 +140,11 @@ class UpstreamTLS(Protocol):
             if not chunk:
                 break
             chunks.append(chunk)
-            if not incoming.pending and not tls.pending():
-                break  # nothing left to decrypt: skip the exception above
+            if not incoming.pending:
+                # Every byte received went into the record just read (one
+                # read takes a whole record, _READ being over 2**14): skip
+                # the exception a further read would raise.
+                break
         if self._outgoing.pending:
             self._flushSoon()  # a key update or an alert to answer
         if chunks and not self._closing:

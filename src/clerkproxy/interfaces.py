@@ -26,7 +26,14 @@ class IRequestBodyReceiver(Interface):
 
 
 class IStreamingResource(IResource):
-    """A resource that takes request bodies as a stream."""
+    """
+    A resource that takes request bodies as a stream.
+
+    Under L{clerkproxy.build_site}, every request it serves, with a body
+    or without, leaves C{args} empty (the query stays in C{uri}, unparsed),
+    and Twisted's default C{Server} and C{Date} response headers are not
+    set for it.
+    """
 
     def renderStreaming(
         request: IRequest, length: int | None
