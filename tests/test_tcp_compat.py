@@ -44,6 +44,7 @@ from zope.interface import implementer
 from clerkproxy import _tcp_compat
 from clerkproxy._endpoints import adopted_endpoint, server_endpoint
 from clerkproxy._tcp_compat import (
+    CONNECTION_STATE,
     FILEDESCRIPTOR_STATE,
     CoalescingServer,
     EndOfTurn,
@@ -191,8 +192,8 @@ def test_every_private_name_the_module_touches_is_listed() -> None:
         and node.attr.startswith("_")
         and not node.attr.startswith("__")
     }
-    assert used - own <= set(FILEDESCRIPTOR_STATE)
-    assert set(PINNED) == set(FILEDESCRIPTOR_STATE)
+    assert used - own <= set(FILEDESCRIPTOR_STATE) | set(CONNECTION_STATE)
+    assert set(PINNED) == set(FILEDESCRIPTOR_STATE) | set(CONNECTION_STATE)
 
 
 def test_temp_data_buffer_and_len() -> None:
@@ -277,7 +278,22 @@ def test_maybe_pause_producer() -> None:
     assert pull.events == ["resume"]
 
 
-#: The test that pins each name of FILEDESCRIPTOR_STATE.
+def test_aborting_and_tls() -> None:
+    """tcp.Connection._aborting: False, then True once abortConnection is
+    called while the connection stays connected until the next turn; and
+    TLS: False until startTLS, then True (writes go through the TLS layer)."""
+    from twisted.internet.ssl import CertificateOptions
+
+    server, _, _ = fake_server(cls=tcp.Server)
+    assert server._aborting is False and server.TLS is False
+    server.abortConnection()
+    assert server._aborting is True and server.connected
+    other, _, _ = fake_server(cls=tcp.Server)
+    other.startTLS(CertificateOptions())
+    assert other.TLS is True
+
+
+#: The test that pins each name of FILEDESCRIPTOR_STATE and CONNECTION_STATE.
 PINNED = {
     "_tempDataBuffer": test_temp_data_buffer_and_len,
     "_tempDataLen": test_temp_data_buffer_and_len,
@@ -286,6 +302,8 @@ PINNED = {
     "_writeDisconnected": test_write_disconnecting_and_disconnected,
     "_writeDisconnecting": test_write_disconnecting_and_disconnected,
     "_maybePauseProducer": test_maybe_pause_producer,
+    "_aborting": test_aborting_and_tls,
+    "TLS": test_aborting_and_tls,
 }
 
 

@@ -20,7 +20,8 @@ under our own upstream TLS.
 This module reaches into C{FileDescriptor}'s write buffer
 (C{_tempDataBuffer}, C{_tempDataLen}, C{dataBuffer}, C{offset}) and
 write-side state (C{_writeDisconnected}, C{_writeDisconnecting},
-C{_maybePauseProducer}); C{tests/test_tcp_compat.py} pins each.  Like
+C{_maybePauseProducer}), and C{tcp.Connection}'s C{_aborting} and C{TLS};
+C{tests/test_tcp_compat.py} pins each.  Like
 C{_twisted_compat}, it is the only place that does.
 """
 
@@ -34,6 +35,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 
 __all__ = [
+    "CONNECTION_STATE",
     "FILEDESCRIPTOR_STATE",
     "CoalescingServer",
     "EndOfTurn",
@@ -54,6 +56,12 @@ FILEDESCRIPTOR_STATE = (
     "_writeDisconnecting",
     "_maybePauseProducer",
 )
+
+#: The C{tcp.Connection} attributes this module relies on: C{_aborting}
+#: (set by C{abortConnection}, which closes only on the next turn: nothing
+#: may be sent meanwhile) and C{TLS} (set by C{startTLS}, after which
+#: writes must go through the TLS layer, as C{tcp.Server.write} sends them).
+CONNECTION_STATE = ("_aborting", "TLS")
 
 
 class _Flushable(Protocol):
@@ -115,9 +123,12 @@ class CoalescingServer(tcp.Server):
     _queued = False
 
     def write(self, data: bytes) -> None:
+        if self.TLS:
+            tcp.Server.write(self, data)  # through the TLS layer startTLS added
+            return
         if not isinstance(data, bytes):
             raise TypeError(f"Data must be bytes, not {type(data).__name__}")
-        if not self.connected or self._writeDisconnected or not data:
+        if not self.connected or self._writeDisconnected or self._aborting or not data:
             return
         untyped: Any = self  # FileDescriptor's methods carry no annotations
         self._tempDataBuffer.append(data)
@@ -136,6 +147,9 @@ class CoalescingServer(tcp.Server):
         end_of_turn(self.reactor).add(self)
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        if self.TLS:
+            tcp.Server.writeSequence(self, iovec)
+            return
         self.write(b"".join(iovec))
 
     def flushNow(self) -> None:
@@ -145,6 +159,7 @@ class CoalescingServer(tcp.Server):
             not self.connected
             or self.disconnecting
             or self._writeDisconnecting
+            or self._aborting
             or not self._tempDataLen
             or self.offset < len(self.dataBuffer)
         ):
@@ -196,6 +211,7 @@ def send_direct(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnecting
+        and not transport._aborting
         and not transport._tempDataLen
         and transport.offset >= len(transport.dataBuffer)
     ):

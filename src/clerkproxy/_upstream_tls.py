@@ -204,7 +204,8 @@ class UpstreamTLS(Protocol):
         """Send what TLS has produced this turn (see L{EndOfTurn})."""
         self._queued = False
         data = self._outgoing.read()
-        if data and not self._lost:
+        if data and not self._closing and not self._lost:
+            # (A polite close sends what is left itself; an abort, nothing.)
             send_direct(self.transport, data)
 
     # -- above: ITransport for the protocol ----------------------------------

@@ -1,7 +1,7 @@
 """
-Bugs found in clerkproxy._tcp_compat: each test fails while its bug is
-there.  Every test also runs with Twisted's own C{tcp.Server}, the
-control, and passes with it.
+Three bugs once in clerkproxy._tcp_compat, each pinned by a test that
+failed while it was there.  Every test also runs with Twisted's own
+C{tcp.Server}, the control.
 
  1. abortConnection() drops the bytes a transport holds; CoalescingServer
     sends the bytes of the turn anyway, written before the abort or after
