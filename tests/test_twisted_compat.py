@@ -335,3 +335,22 @@ def test_start_head_and_end_head() -> None:
         assert channel.line_mode and not getattr(channel, state)
         setattr(channel, state, True)
         assert not compat.start_head(channel), state
+
+
+def test_header_values() -> None:
+    """Headers keeps the values of a header under its canonical name in
+    _rawHeaders: header_values reads them there, as getRawHeaders would."""
+    headers = Headers()
+    headers.addRawHeader(b"x-forwarded-for", b"1.2.3.4")
+    headers.addRawHeader(b"X-FORWARDED-FOR", b"5.6.7.8")
+    assert compat.header_values(headers, b"X-Forwarded-For") == [
+        b"1.2.3.4",
+        b"5.6.7.8",
+    ]
+    assert compat.header_values(headers, b"X-Forwarded-For") == (
+        headers.getRawHeaders(b"x-forwarded-for")
+    )
+    assert compat.header_values(headers, b"Host") is None
+    headers.setRawHeaders(b"Host", [])
+    assert headers.getRawHeaders(b"Host") is None
+    assert compat.header_values(headers, b"Host") is None

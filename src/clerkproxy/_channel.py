@@ -22,6 +22,7 @@ from ._twisted_compat import (
     ChunkedTransferDecoder,
     encode_header_name,
     end_head,
+    header_values,
     headers_from_raw,
     replace_chunked_decoder,
     request_version,
@@ -410,7 +411,7 @@ class StreamingChannel(HTTPChannel):
         self.site.headerDeadlines.remove(self)
         if self._admission == _AT_HEAD and not self._admitForwarded():
             return
-        hosts = self.requests[-1].requestHeaders.getRawHeaders(b"Host")
+        hosts = header_values(self.requests[-1].requestHeaders, b"Host")
         if (hosts is None and self._version == b"HTTP/1.1") or (
             hosts is not None and (len(hosts) != 1 or not _HOST(hosts[0]))
         ):
@@ -456,7 +457,7 @@ class StreamingChannel(HTTPChannel):
         request = self.requests[-1]
         host = getattr(self.transport.getPeer(), "host", None)  # type: ignore[union-attr]
         client = self.site.clientAddress.resolve(
-            host, request.requestHeaders.getRawHeaders(b"X-Forwarded-For")
+            host, header_values(request.requestHeaders, b"X-Forwarded-For")
         )
         return self._admit(client)
 
@@ -490,7 +491,7 @@ class StreamingChannel(HTTPChannel):
         saying C{close} go unnoticed; read every value, split on commas.
         """
         tokens: set[bytes] = set()
-        for value in request.requestHeaders.getRawHeaders(b"Connection", ()):
+        for value in header_values(request.requestHeaders, b"Connection") or ():
             tokens.update(t.strip().lower() for t in value.split(b","))
         keep = version == b"HTTP/1.1" and b"close" not in tokens
         if not keep or self.site.draining:

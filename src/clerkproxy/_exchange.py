@@ -48,7 +48,7 @@ from ._deadlines import Deadlines
 from ._errors import respond_error
 from ._headers import downstream_headers, upstream_head
 from ._interfaces import IStreamingRequest
-from ._twisted_compat import write_blocked, write_buffered
+from ._twisted_compat import header_values, write_blocked, write_buffered
 from .interfaces import IRequestBodyReceiver
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ class Exchange:
         headers = request.requestHeaders
         peer: Any = request.getClientAddress()
         client = route.clientAddress.resolve(
-            getattr(peer, "host", None), headers.getRawHeaders(b"X-Forwarded-For")
+            getattr(peer, "host", None), header_values(headers, b"X-Forwarded-For")
         )
         request.clientAddressText = client  # type: ignore[attr-defined]
         self._head = upstream_head(

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from twisted.web.http_headers import Headers, InvalidHeaderName
 
-from ._twisted_compat import encode_header_name, headers_from_raw
+from ._twisted_compat import encode_header_name, header_values, headers_from_raw
 
 __all__ = [
     "APP_DROP",
@@ -94,7 +94,7 @@ def upstream_head(
     The client's values were validated by Twisted's server parser (no CR,
     LF or NUL), so they are copied as they are.
     """
-    listed = incoming.getRawHeaders(b"Connection")
+    listed = header_values(incoming, b"Connection")
     if listed:
         drop = drop | connection_listed(listed)
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]

@@ -18,6 +18,7 @@ from ._h2 import HTTP2Settings, ProtocolSelector
 from ._interfaces import IStreamingSite
 from ._metrics import Metrics
 from ._request import StreamingRequest
+from ._twisted_compat import header_values
 
 if TYPE_CHECKING:
     from ._channel import StreamingChannel as _Channel
@@ -195,7 +196,7 @@ class StreamingSite(Site):
                 peer = request.getClientAddress()
                 client = self._clientAddress.resolve(
                     getattr(peer, "host", None),
-                    request.requestHeaders.getRawHeaders(b"X-Forwarded-For"),
+                    header_values(request.requestHeaders, b"X-Forwarded-For"),
                 )
             accessLog.write(
                 when=self._clock.seconds(),

@@ -37,6 +37,7 @@ __all__ = [
     "clear_tls_options",
     "encode_header_name",
     "end_head",
+    "header_values",
     "headers_from_raw",
     "parse_endpoint_description",
     "raise_synchronously",
@@ -174,6 +175,16 @@ def headers_from_raw(raw: dict[bytes, list[bytes]]) -> Headers:
     headers = Headers()
     headers._rawHeaders = raw
     return headers
+
+
+def header_values(headers: Headers, name: bytes) -> list[bytes] | None:
+    """
+    C{headers.getRawHeaders(name)} for a C{name} already in canonical form
+    (as L{encode_header_name} gives it), without encoding it again: the
+    values C{Headers} keeps under it in C{_rawHeaders}, or L{None}.
+    """
+    values: list[bytes] | None = headers._rawHeaders.get(name)
+    return values or None
 
 
 def raise_synchronously(service: Any) -> None:
