@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
 from clerkproxy import FrontendAPIProxy, ProxyConfig, build_site
+from clerkproxy._tcp_compat import coalesce_port
 from clerkproxy._upstream import UpstreamPool
 
 reactor: Any = _reactor
@@ -81,7 +82,10 @@ class Proxy:
     def __init__(self, resource: FrontendAPIProxy, site: Any) -> None:
         self.resource = resource
         self.site = site
-        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        # Listening as --port does: connections get the coalescing transport.
+        self.listening = coalesce_port(
+            reactor.listenTCP(0, site, interface="127.0.0.1")
+        )
         self.port = self.listening.getHost().port
         self.url = f"http://127.0.0.1:{self.port}"
 

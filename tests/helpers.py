@@ -37,6 +37,7 @@ from clerkproxy._config import Timeouts
 from clerkproxy._errors import respond_error
 from clerkproxy._proxy import AppProxy, EdgeRouter
 from clerkproxy._settings import read_settings
+from clerkproxy._tcp_compat import coalesce_port
 from clerkproxy._upstream import UpstreamPool, app_endpoint
 from clerkproxy.interfaces import IRequestBodyReceiver, IStreamingResource
 from clerkproxy.tap import Options
@@ -382,8 +383,10 @@ class H2Proxy:
         self.proxy = proxy
         self.ca = ca
         cert = ca.issue_cert("localhost", "127.0.0.1")
-        self.tls = reactor.listenSSL(
-            0, proxy.site, _server_options(cert), interface="127.0.0.1"
+        self.tls = coalesce_port(
+            reactor.listenSSL(
+                0, proxy.site, _server_options(cert), interface="127.0.0.1"
+            )
         )
         self.tlsPort = self.tls.getHost().port
         self.port = proxy.port

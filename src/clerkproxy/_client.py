@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
@@ -398,7 +399,14 @@ class UpstreamConnection(TwistedProtocol):
         for done in closedWaiters:
             done.callback(None)
         if exchange is not None:
-            if state in (RELAYING, RELAYING_WHILE_SENDING) and self._reader.eof():
+            if (
+                state in (RELAYING, RELAYING_WHILE_SENDING)
+                and reason.check(ConnectionDone) is not None
+                and self._reader.eof()
+            ):
+                # A body that runs until FAPI closes ends here, if FAPI
+                # closed cleanly (a reset, or TLS without close_notify,
+                # may have cut it short: the client must see a cut).
                 exchange.responseDone()
             else:
                 exchange.upstreamFailed(

@@ -67,6 +67,8 @@ CONNECTION_STATE = ("_aborting", "TLS")
 class _Flushable(Protocol):
     def flushNow(self) -> None: ...
 
+    def abortConnection(self) -> None: ...
+
 
 class EndOfTurn:
     """
@@ -93,8 +95,10 @@ class EndOfTurn:
                 writer.flushNow()
             except Exception:
                 # One writer's failure (a producer that raised on resume)
-                # must not strand the bytes of every writer after it.
+                # must not strand the bytes of every writer after it; the
+                # connection itself ends, as the reactor would end it.
                 _log.failure("Flushing writes failed")
+                writer.abortConnection()
 
 
 _turns: WeakKeyDictionary[Any, EndOfTurn] = WeakKeyDictionary()
@@ -212,6 +216,7 @@ def send_direct(transport: Any, data: bytes) -> None:
         and not transport.disconnecting
         and not transport._writeDisconnecting
         and not transport._aborting
+        and (transport.producer is None or transport.streamingProducer)
         and not transport._tempDataLen
         and transport.offset >= len(transport.dataBuffer)
     ):

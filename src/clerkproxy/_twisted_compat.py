@@ -39,6 +39,7 @@ __all__ = [
     "end_head",
     "header_values",
     "headers_from_raw",
+    "is_platform_trust",
     "parse_endpoint_description",
     "raise_synchronously",
     "replace_chunked_decoder",
@@ -252,14 +253,12 @@ def write_blocked(channel: Any) -> bool:
 def trust_root_pems(root: object) -> bytes | None:
     """
     The CA certificates a Twisted trust root stands for, as concatenated
-    PEM, for a TLS stack other than pyOpenSSL: C{b""} for the platform's
-    own roots (C{platformTrust()}, an C{OpenSSLDefaultPaths}); the
-    certificates of a C{trustRootFromCertificates} root (an
-    C{OpenSSLCertificateAuthorities}, which keeps them in C{_caCerts});
-    L{None} for any other kind, whose certificates cannot be read back.
+    PEM, for a TLS stack other than pyOpenSSL: the certificates of a
+    C{trustRootFromCertificates} root (an C{OpenSSLCertificateAuthorities},
+    which keeps them in C{_caCerts}; C{b""} if it holds none, and then
+    trusts nothing); L{None} for any other kind, including the platform's
+    roots (see L{is_platform_trust}).
     """
-    if isinstance(root, OpenSSLDefaultPaths):
-        return b""
     if isinstance(root, OpenSSLCertificateAuthorities):
         from OpenSSL import crypto
 
@@ -267,3 +266,8 @@ def trust_root_pems(root: object) -> bytes | None:
             crypto.dump_certificate(crypto.FILETYPE_PEM, cert) for cert in root._caCerts
         )
     return None
+
+
+def is_platform_trust(root: object) -> bool:
+    """Whether C{root} is C{platformTrust()}'s: OpenSSL's default paths."""
+    return isinstance(root, OpenSSLDefaultPaths)

@@ -30,6 +30,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IProtocol,
@@ -43,7 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._tcp_compat import end_of_turn, send_direct
-from ._twisted_compat import trust_root_pems
+from ._twisted_compat import is_platform_trust, trust_root_pems
 
 if TYPE_CHECKING:
     from ._twisted_compat import IOpenSSLTrustRoot
@@ -63,7 +64,7 @@ def client_context(trustRoot: IOpenSSLTrustRoot | None) -> ssl.SSLContext | None
     uses Twisted's TLS instead).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, names checked
-    if trustRoot is None:
+    if trustRoot is None or is_platform_trust(trustRoot):
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
         pems = trust_root_pems(trustRoot)
@@ -71,8 +72,8 @@ def client_context(trustRoot: IOpenSSLTrustRoot | None) -> ssl.SSLContext | None
             return None
         if pems:
             context.load_verify_locations(cadata=pems.decode("ascii"))
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        # else: no roots at all, so no certificate verifies, as with
+        # Twisted's TLS and the same empty root.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     context.set_alpn_protocols(["http/1.1"])
@@ -105,6 +106,12 @@ class UpstreamTLS(Protocol):
         self._queued = False
         self._held: list[bytes] = []
         self._failure: Failure | None = None
+        self._peerClosed = False
+        # A request body's producer, paused while its bytes wait for the
+        # handshake (so that a handshake FAPI stalls holds one read of
+        # them, not the whole body).
+        self._producer: Any = None
+        self._heldPaused = False
 
     # -- below: the TCP connection ---------------------------------------------
 
@@ -125,19 +132,19 @@ class UpstreamTLS(Protocol):
         if not self._open and not self._handshake():
             return
         chunks: list[bytes] = []
-        peerClosed = False
+        error: ssl.SSLError | None = None
         while True:
             try:
                 chunk = tls.read(_READ)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                peerClosed = True  # close_notify: the server is done
-                break
+                chunk = b""
             except ssl.SSLError as e:
-                self._fail(e)
-                return
+                error = e  # after what was read before it, which is sound
+                break
             if not chunk:
+                self._peerClosed = True  # close_notify: the server is done
                 break
             chunks.append(chunk)
             if not incoming.pending:
@@ -150,9 +157,11 @@ class UpstreamTLS(Protocol):
         if chunks and not self._closing:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.wrapped.dataReceived(data)
-        if peerClosed and not self._closing and self.transport is not None:
-            self._closing = True
-            self.transport.loseConnection()
+        if error is not None:
+            if not self._lost and self._failure is None:
+                self._fail(error)
+        elif self._peerClosed:
+            self.loseConnection()  # answer close_notify with ours, and close
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._lost:
@@ -161,6 +170,15 @@ class UpstreamTLS(Protocol):
         self._held = []
         if self._failure is not None:
             reason = self._failure
+        elif (
+            self._open
+            and not self._peerClosed
+            and not self._closing
+            and reason.check(ConnectionDone)
+        ):
+            # TCP ended without the server's close_notify: whatever was
+            # being read may have been cut short by anyone on the path.
+            reason = Failure(ConnectionLost("FAPI's TLS ended without close_notify"))
         self.wrapped.connectionLost(reason)
 
     def _handshake(self) -> bool:
@@ -180,6 +198,9 @@ class UpstreamTLS(Protocol):
         for data in held:
             tls.write(data)
         self._flushSoon()
+        if self._heldPaused:
+            self._heldPaused = False
+            self._producer.resumeProducing()
         return True
 
     def _fail(self, error: ssl.SSLError) -> None:
@@ -216,6 +237,9 @@ class UpstreamTLS(Protocol):
         tls = self._tls
         if not self._open or tls is None:
             self._held.append(data)
+            if self._producer is not None and not self._heldPaused:
+                self._heldPaused = True
+                self._producer.pauseProducing()
             return
         tls.write(data)
         self._flushSoon()
@@ -263,8 +287,14 @@ class UpstreamTLS(Protocol):
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         transport: Any = self.transport
         transport.registerProducer(producer, streaming)
+        self._producer = producer if streaming else None
+        if self._held and self._producer is not None:
+            self._heldPaused = True
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
+        self._producer = None
+        self._heldPaused = False
         transport: Any = self.transport
         transport.unregisterProducer()
 

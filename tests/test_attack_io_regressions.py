@@ -1,6 +1,7 @@
 """
-Attack probes that FAIL against 160de2d: each asserts what a careful proxy
-does and documents the bug it finds (see the docstrings).  Same harness as
+Attack probes that failed against 160de2d, the first version of the
+coalesced writes and the standard-library upstream TLS: each asserts what
+a careful proxy does and names the bug it found (see the docstrings).  Same harness as
 C{test_attack_io.py} (C{attack_support.py}).
 """
 
