@@ -1,0 +1,196 @@
+"""
+Bugs in C{clerkproxy._upstream_tls}, one failing test each (see each
+docstring for the cause and a fix).  Each passes against Twisted's TLS,
+which C{UpstreamTLS} replaced; move them into C{test_upstream_tls.py} once
+fixed.
+
+Real loopback sockets: a Twisted TLS server with a C{trustme}
+certificate, and L{UpstreamTLSEndpoint} to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+import trustme
+from conftest import _server_options, reactor, trust_root, within
+from twisted.internet import task
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from clerkproxy._upstream_tls import UpstreamTLSEndpoint, client_context
+
+
+class Peer(Protocol):
+    """Either end's application: keeps what arrives and how it ended."""
+
+    def __init__(self, onData: Callable[[Peer, bytes], None] | None = None) -> None:
+        self.onData = onData
+        self.chunks: list[bytes] = []
+        self.reason: Failure | None = None
+        self.lost: Deferred[None] = Deferred()
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.onData is not None:
+            self.onData(self, data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+    async def ended(self) -> Failure:
+        await within(self.lost, 5)
+        assert self.reason is not None
+        return self.reason
+
+
+class Pair:
+    """A TLS server (Twisted's) on loopback and our client to it."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        self.ca = ca
+        self.servers: list[Peer] = []
+        self.clients: list[Peer] = []
+        self.ports: list[Any] = []
+
+    async def connect(
+        self, onData: Callable[[Peer, bytes], None] | None = None
+    ) -> tuple[Peer, Peer]:
+        """Connect, write C{b"go"}; the client and the server's application."""
+        factory = Factory()
+        factory.buildProtocol = lambda addr: self._server(onData)  # type: ignore[method-assign]
+        options = _server_options(self.ca.issue_cert("localhost"))
+        # Twisted's own ALPN callback fails a handshake it finds no
+        # protocol for; this server speaks what we offer.
+        options.getContext().set_alpn_select_callback(lambda conn, offered: b"http/1.1")
+        port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+        self.ports.append(port)
+        context = client_context(trust_root(self.ca))
+        assert context is not None
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = Peer()
+        self.clients.append(client)
+        endpoint = UpstreamTLSEndpoint(reactor, tcp, context, "localhost")
+        await within(connectProtocol(endpoint, client))
+        client.transport.write(b"go")
+        for _ in range(500):
+            if self.servers and self.servers[-1].received:
+                break
+            await task.deferLater(reactor, 0.01)
+        return client, self.servers[-1]
+
+    def _server(self, onData: Callable[[Peer, bytes], None] | None) -> Peer:
+        server = Peer(onData)
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        waiting: list[Deferred[Any]] = []
+        for peer in self.clients + self.servers:
+            if peer.reason is None and peer.transport is not None:
+                peer.transport.abortConnection()
+                waiting.append(peer.lost)
+        waiting += [port.stopListening() for port in self.ports]
+        pytest_twisted.blockon(within(DeferredList(waiting), 10))
+
+
+@pytest.fixture
+def pair(ca: trustme.CA) -> Iterator[Pair]:
+    made = Pair(ca)
+    yield made
+    made.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bug_close_notify_alone_ends_the_connection(pair: Pair) -> None:
+    """
+    FAPI's close_notify must end the connection, even before its TCP FIN.
+
+    C{_upstream_tls.py}, C{UpstreamTLS.dataReceived}: C{SSLObject.read}
+    returns C{b""} once close_notify has arrived (it never raises the
+    C{SSLZeroReturnError} the code waits for), and the loop takes an empty
+    read for "nothing more to decrypt" (C{if not chunk: break}).  The close
+    goes unnoticed: against a server that waits for our close_notify before
+    closing TCP (Twisted's TLS does; TLS allows it) the connection stays
+    open for ever, and a pooled idle connection in that state is handed out
+    for the next request, which then waits for its timeout.
+
+    Fix: C{if not chunk: peerClosed = True; break}; then answer with our
+    own close_notify (C{tls.unwrap()}, send what it wrote) before closing
+    TCP.
+    """
+
+    def goodbye(server: Peer, data: bytes) -> None:
+        server.transport.write(b"goodbye")
+        server.transport.loseConnection()  # close_notify; TCP stays open
+
+    client, server = await pair.connect(goodbye)
+    reason = await client.ended()
+    assert client.received == b"goodbye"
+    assert reason.check(ConnectionDone), reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_bug_abort_connection_discards_what_is_not_yet_sent(
+    pair: Pair,
+) -> None:
+    """
+    C{abortConnection} drops what is buffered (C{ITCPTransport}); bytes
+    written earlier in the same reactor turn are sent all the same.
+
+    C{write} leaves its record in C{_outgoing} for C{flushNow} at the end
+    of the turn.  C{UpstreamTLS.abortConnection} neither empties it nor
+    stops the flush, and Twisted's TCP C{abortConnection} only closes the
+    socket from a C{callLater(0)} queued after the flush, so C{send_direct}
+    finds it still connected and sends (C{_tcp_compat.send_direct} does
+    not look at C{_aborting}).  Harmless for a request FAPI will not see
+    completed, but not what the interface promises.
+
+    Fix: C{self._outgoing.read()} (discard) in C{abortConnection}, or have
+    C{flushNow} skip a connection that is closing.
+    """
+    client, server = await pair.connect()
+    client.transport.write(b"written before the abort")
+    client.transport.abortConnection()
+    await client.ended()
+    await server.ended()
+    assert server.received == b"go"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bug_tcp_close_without_close_notify_is_not_a_clean_end(
+    pair: Pair,
+) -> None:
+    """
+    A TCP FIN without close_notify is a truncation, which anyone on the
+    path can forge; C{UpstreamTLS} passes it up as a clean
+    C{ConnectionDone}, as if FAPI had closed TLS.  Twisted's TLS reports
+    C{ConnectionLost} ("non-clean"), for this and for a TCP close during
+    the handshake (where C{UpstreamTLS} also says C{ConnectionDone}).
+
+    C{UpstreamTLS.connectionLost} passes on the TCP reason as it is.  Fix:
+    when neither side closed TLS (no close_notify read, no
+    C{loseConnection}), report C{ConnectionLost} (or feed
+    C{_incoming.write_eof()} and report the C{SSLEOFError} C{read} raises).
+    """
+
+    def cut(server: Peer, data: bytes) -> None:
+        server.transport.write(b"HTTP/1.1 200 OK\r\n\r\npart of a body")
+        tcp = server.transport.transport
+        reactor.callLater(0.05, tcp.loseConnection)  # FIN, no close_notify
+
+    client, server = await pair.connect(cut)
+    reason = await client.ended()
+    assert client.received.endswith(b"part of a body")
+    assert not reason.check(ConnectionDone), reason
