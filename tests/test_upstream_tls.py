@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clerkproxy._client import UpstreamConnection
-from clerkproxy._twisted_compat import trust_root_pems
+from clerkproxy._twisted_compat import is_platform_trust, trust_root_pems
 from clerkproxy._upstream import app_endpoint, fapi_endpoint
 from clerkproxy._upstream_tls import UpstreamTLS, UpstreamTLSEndpoint, client_context
 
@@ -615,8 +615,14 @@ def test_the_platform_roots_are_the_default_ones(root: Any) -> None:
     assert context.cert_store_stats() == platform.cert_store_stats()
 
 
-def test_trust_root_pems_of_platform_trust_is_empty() -> None:
-    assert trust_root_pems(platformTrust()) == b""
+def test_platform_trust_is_told_apart_from_an_empty_root() -> None:
+    """platformTrust() means the platform's roots; an empty
+    trustRootFromCertificates root means none (and trusts nothing)."""
+    assert is_platform_trust(platformTrust())
+    assert trust_root_pems(platformTrust()) is None
+    empty = trustRootFromCertificates([])
+    assert not is_platform_trust(empty)
+    assert trust_root_pems(empty) == b""
 
 
 def test_trust_root_pems_are_the_certificates_given() -> None:

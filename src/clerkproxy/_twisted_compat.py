@@ -12,9 +12,10 @@ override are listed here too.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet._sslverify import (
+    IOpenSSLTrustRoot,
     OpenSSLCertificateAuthorities,
     OpenSSLDefaultPaths,
 )
@@ -23,11 +24,6 @@ from twisted.internet.endpoints import _parse
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
-
-if TYPE_CHECKING:
-    # Only for annotations: the type of a trust root from
-    # twisted.internet.ssl.trustRootFromCertificates.
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = [
     "CHANNEL_OVERRIDES",

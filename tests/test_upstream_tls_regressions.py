@@ -1,8 +1,7 @@
 """
-Bugs in C{clerkproxy._upstream_tls}, one failing test each (see each
-docstring for the cause and a fix).  Each passes against Twisted's TLS,
-which C{UpstreamTLS} replaced; move them into C{test_upstream_tls.py} once
-fixed.
+Three bugs once in C{clerkproxy._upstream_tls}, one test each that failed
+while it was there (see each docstring for the cause).  Each also passes
+against Twisted's TLS, which C{UpstreamTLS} replaced.
 
 Real loopback sockets: a Twisted TLS server with a C{trustme}
 certificate, and L{UpstreamTLSEndpoint} to it.
