@@ -134,14 +134,16 @@ class ServerApp(Protocol):
         self.lost.callback(None)
 
 
-class _ServerAppFactory(Factory):
+class _Building(Factory):
+    """A quiet factory whose protocols C{build} makes."""
+
     noisy = False
 
-    def __init__(self, server: TLSServer) -> None:
-        self.server = server
+    def __init__(self, build: Callable[[], Protocol]) -> None:
+        self.build = build
 
-    def buildProtocol(self, addr: Any) -> ServerApp:
-        return ServerApp(self.server)
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.build()
 
 
 class RecordingTLS(BufferingTLSTransport):
@@ -193,7 +195,7 @@ class TLSServer:
         if legacy:
             # OpenSSL 3 speaks TLS 1.0 and 1.1 only at security level 0.
             context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-        apps = _ServerAppFactory(self)
+        apps = _Building(lambda: ServerApp(self))
         factory = TLSMemoryBIOFactory(options, False, apps)
         factory.protocol = RecordingTLS
         factory.server = self
@@ -307,16 +309,6 @@ class _RelayIn(Protocol):
         self.closedByClient.callback(None)
 
 
-class _RelayFactory(Factory):
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: Any) -> _RelayIn:
-        return _RelayIn(self.relay)
-
-
 class Relay:
     """
     A TCP hop in front of a server that passes bytes both ways but never
@@ -327,7 +319,9 @@ class Relay:
     def __init__(self, target: int) -> None:
         self.target = target
         self.hops: list[_RelayIn] = []
-        self.port = reactor.listenTCP(0, _RelayFactory(self), interface="127.0.0.1")
+        self.port = reactor.listenTCP(
+            0, _Building(lambda: _RelayIn(self)), interface="127.0.0.1"
+        )
         self.portNumber: int = self.port.getHost().port
 
 
