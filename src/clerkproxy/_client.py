@@ -224,7 +224,9 @@ class UpstreamConnection(TwistedProtocol):
         self._state = AWAITING_HEAD if body is None else SENDING
         transport: Any = self.transport
         if body is None:
-            # The whole request: send it now, not on the next reactor turn.
+            # The whole request: under Twisted's TLS (the fallback for
+            # unusual trust roots) send it now, not on the next reactor
+            # turn; UpstreamTLS sends it at the end of this one.
             write_now(transport, head)
         else:
             transport.write(head)

@@ -5,8 +5,9 @@ Twisted does not promise to keep these; C{tests/test_twisted_compat.py}
 pins each one, so that an upgrade that moves or renames one fails there,
 by name, rather than somewhere deep in a behaviour test.  Nothing else in
 the package imports a private Twisted name or touches a private Twisted
-attribute except through this module, and the methods our subclasses
-override are listed here too.
+attribute except through this module and C{_tcp_compat} (the socket
+transports' write buffers, pinned by C{tests/test_tcp_compat.py}), and
+the methods our subclasses override are listed here too.
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ class IStreamingResource(IResource):
     """
     A resource that takes request bodies as a stream.
 
-    Under L{clerkproxy.build_site}, every request it serves, with a body
-    or without, leaves C{args} empty (the query stays in C{uri}, unparsed),
-    and Twisted's default C{Server} and C{Date} response headers are not
-    set for it.
+    Under L{clerkproxy.build_site}, every request it serves for an
+    origin-form target (one starting with C{/}), with a body or without,
+    leaves C{args} empty (the query stays in C{uri}, unparsed), and
+    Twisted's default C{Server} and C{Date} response headers are not set
+    for it.
     """
 
     def renderStreaming(
