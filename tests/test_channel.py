@@ -118,6 +118,32 @@ def test_bodiless_requests_for_other_resources_keep_twisteds_path() -> None:
     assert b"Date:" in transport.value()
 
 
+def test_bodiless_requests_under_a_tree_are_walked_once_as_twisted_would() -> None:
+    """Mounted under a root that is not itself a streaming leaf (as an
+    embedder's putChild does), a bodiless request takes Twisted's path:
+    the tree is walked once, with args parsed, and getChild sees them."""
+    walks: list[Any] = []
+    seen: list[Any] = []
+
+    class Looking(Recording):
+        def render(self, request: Any) -> Any:
+            seen.append(request.args)
+            return super().render(request)
+
+    leaf = Looking()
+
+    class Root(Resource):
+        def getChild(self, path: bytes, request: Any) -> Any:
+            walks.append((path, dict(request.args)))
+            return leaf
+
+    protocol, transport = connect(Root())
+    protocol.dataReceived(b"GET /app/x?a=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert walks == [(b"app", {b"a": [b"1"]})]
+    assert seen == [{b"a": [b"1"]}]
+    assert transport.value().endswith(b"plain")
+
+
 def test_a_bodiless_render_that_raises_gets_a_500() -> None:
     class Broken(Recording):
         def render(self, request: Any) -> Any:

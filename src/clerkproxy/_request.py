@@ -97,13 +97,7 @@ class StreamingRequest(server.Request):
         """
         if target[:1] != b"/":
             return None
-        self.method = method
-        self.uri = target
-        self.clientproto = version
-        self.path = target.split(b"?", 1)[0]
-        self.args = {}
-        self.prepath = []
-        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        self._setUp(method, target, version)
         channel: Any = self.channel
         try:
             resource = channel.site.getResourceFor(self)
@@ -113,6 +107,16 @@ class StreamingRequest(server.Request):
             return None
         self.site = channel.site
         return resource
+
+    def _setUp(self, method: bytes, target: bytes, version: bytes) -> None:
+        """The request line, path and (empty) args, as Twisted would set them."""
+        self.method = method
+        self.uri = target
+        self.clientproto = version
+        self.path = target.split(b"?", 1)[0]
+        self.args = {}
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
 
     def handleContentChunk(self, data: bytes) -> None:
         if not self._streaming:
@@ -126,15 +130,21 @@ class StreamingRequest(server.Request):
             if self._receiver is not None and not self.finished:
                 self._receiver.bodyDone()
             return
-        if self._bodiless:
-            # A request without a body, for a streaming resource, is
-            # rendered as C{process} would, less Twisted's query and form
-            # parsing and default headers (which the proxy's answer
-            # replaces anyway).
-            resource = self._locate(command, path, version)
-            if resource is not None:
+        if self._bodiless and path[:1] == b"/":
+            # A request without a body, for a site whose root is a leaf
+            # that streams (the proxy's own roots: no traversal, so nothing
+            # a resource's getChild could see differently), is rendered as
+            # process() would, less Twisted's query and form parsing and
+            # default headers, which the proxy's answer replaces anyway.
+            channel: Any = self.channel
+            site = channel.site
+            root = site.resource
+            if getattr(root, "isLeaf", False) and IStreamingResource.providedBy(root):
+                self._setUp(command, path, version)
+                self.site = site
+                self.sitepath = []  # type: ignore[var-annotated]
                 try:
-                    self.render(resource)  # type: ignore[no-untyped-call]
+                    self.render(root)  # type: ignore[no-untyped-call]
                 except Exception:
                     self.processingFailed(Failure())  # type: ignore[no-untyped-call]
                 return

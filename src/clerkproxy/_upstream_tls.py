@@ -74,6 +74,9 @@ def client_context(trustRoot: IOpenSSLTrustRoot | None) -> ssl.SSLContext | None
             context.load_verify_locations(cadata=pems.decode("ascii"))
         # else: no roots at all, so no certificate verifies, as with
         # Twisted's TLS and the same empty root.
+    # The name must be in a subjectAltName, as service_identity (Twisted's
+    # TLS) requires; a certificate's common name alone does not count.
+    context.hostname_checks_common_name = False
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     context.set_alpn_protocols(["http/1.1"])
@@ -154,11 +157,17 @@ class UpstreamTLS(Protocol):
                 break
         if self._outgoing.pending:
             self._flushSoon()  # a key update or an alert to answer
-        if chunks and not self._closing:
+        deliver = bool(chunks) and not self._closing
+        if error is not None:
+            # Before the sound bytes go up: what they set off (the pool
+            # handing this connection to the next request) must find it
+            # broken, and write nothing into it.
+            self._failure = Failure(error)
+        if deliver:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.wrapped.dataReceived(data)
         if error is not None:
-            if not self._lost and self._failure is None:
+            if not self._lost and not self._closing:
                 self._fail(error)
         elif self._peerClosed:
             self.loseConnection()  # answer close_notify with ours, and close
@@ -232,7 +241,7 @@ class UpstreamTLS(Protocol):
     # -- above: ITransport for the protocol ----------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._closing or self._lost or not data:
+        if self._closing or self._lost or self._failure is not None or not data:
             return
         tls = self._tls
         if not self._open or tls is None:
@@ -241,7 +250,11 @@ class UpstreamTLS(Protocol):
                 self._heldPaused = True
                 self._producer.pauseProducing()
             return
-        tls.write(data)
+        try:
+            tls.write(data)
+        except ssl.SSLError as e:
+            self._fail(e)  # the TLS connection broke: the protocol above hears
+            return
         self._flushSoon()
 
     def writeSequence(self, data: Any) -> None:

@@ -29,11 +29,11 @@ class IStreamingResource(IResource):
     """
     A resource that takes request bodies as a stream.
 
-    Under L{clerkproxy.build_site}, every request it serves for an
-    origin-form target (one starting with C{/}), with a body or without,
-    leaves C{args} empty (the query stays in C{uri}, unparsed), and
-    Twisted's default C{Server} and C{Date} response headers are not set
-    for it.
+    Under L{clerkproxy.build_site}, a request with a body that it serves
+    (for an origin-form target, one starting with C{/}) leaves C{args}
+    empty: the query stays in C{uri}, unparsed.  So does a bodiless request
+    when the resource is the site's root and a leaf, which then also gets
+    none of Twisted's default C{Server} and C{Date} response headers.
     """
 
     def renderStreaming(
