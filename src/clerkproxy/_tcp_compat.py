@@ -125,6 +125,9 @@ class CoalescingServer(tcp.Server):
     """
 
     _queued = False
+    # This reactor's EndOfTurn, found at the first write (a weak-keyed
+    # lookup makes a weakref each time: once per connection, not per write).
+    _turn: EndOfTurn | None = None
 
     def write(self, data: bytes) -> None:
         if self.TLS:
@@ -148,7 +151,10 @@ class CoalescingServer(tcp.Server):
             untyped.startWriting()
             return
         self._queued = True
-        end_of_turn(self.reactor).add(self)
+        turn = self._turn
+        if turn is None:
+            turn = self._turn = end_of_turn(self.reactor)
+        turn.add(self)
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         if self.TLS:
